@@ -1,0 +1,33 @@
+"""`python -m server`: serve glm.v1.GlmService with the configured models."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from server.config import ConfigError
+from server.logs import configure_logging
+from server.settings import load_settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse settings, configure logging, serve until a signal; returns the exit code."""
+    try:
+        settings = load_settings(argv)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    from server.app import serve  # imports torch: after logging is set up
+
+    try:
+        return asyncio.run(serve(settings))
+    except ConfigError as exc:
+        logging.getLogger("server").error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The server process's lifecycle: bind, load models, report health, serve, drain on a signal.
+
+The port is bound before the models load so that health checks answer NOT_SERVING (rather than
+connection refused) during a load that can take minutes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import torch
+
+from server.config import ModelSpec, load_model_specs
+from server.engine.registry import Loader, ModelRegistry
+from server.models.loader import load_model
+from server.service.glm_service import GlmService
+from server.settings import Settings
+from server.transport.grpc_server import Health, build_server
+
+log = logging.getLogger(__name__)
+
+
+class GlmApp:
+    """One glm-api server: start(), load_models(), then stop() once."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        specs: tuple[ModelSpec, ...] | None = None,
+        loader: Loader = load_model,
+    ) -> None:
+        self.settings = settings
+        self.specs = specs if specs is not None else load_model_specs(settings.config)
+        self.registry = ModelRegistry(self.specs, Path(settings.cache_dir), loader)
+        self.health = Health()
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        """Bind the port and start answering (health NOT_SERVING); returns the bound port."""
+        if self.settings.torch_threads > 0:
+            torch.set_num_threads(self.settings.torch_threads)
+        await self.health.set_serving(False)
+        service = GlmService(self.registry, self.settings.max_message_bytes)
+        self._server = build_server(
+            service, self.health, max_message_bytes=self.settings.max_message_bytes
+        )
+        self.port = self._server.add_insecure_port(self.settings.grpc_address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.settings.grpc_address}")
+        await self._server.start()
+        log.info(
+            "gRPC listening on %s:%d (not serving until the models are ready)",
+            self.settings.grpc_host,
+            self.port,
+        )
+        return self.port
+
+    async def load_models(self) -> None:
+        """Load and warm the models, then report SERVING."""
+        started = time.monotonic()
+        await self.registry.load_all()
+        await self.health.set_serving(True)
+        log.info("serving %d models (ready in %.1f s)", len(self.specs), time.monotonic() - started)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, refuse new calls, give running calls `grace` seconds, then stop."""
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        await self.health.drain()
+        if self._server is not None:
+            log.info("draining: in-flight calls have %.1f s to finish", grace)
+            await self._server.stop(grace)
+        await self.registry.close()
+        log.info("stopped")
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT; returns the process exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    app = GlmApp(settings)
+    await app.start()
+    loading = asyncio.create_task(app.load_models(), name="load-models")
+    stopping = asyncio.create_task(stop.wait(), name="wait-for-signal")
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if loading.done() and loading.exception() is not None:
+        log.error("not serving: %s", loading.exception())
+        code = 1
+    elif not loading.done():
+        log.info("signal received while loading models; stopping")
+        loading.cancel()
+    else:
+        await stopping
+        log.info("signal received; shutting down")
+    stopping.cancel()
+    await app.stop()
+    return code

@@ -1,0 +1,124 @@
+"""The models config file: which models to serve, where their weights come from, and their limits.
+
+The file is TOML with one `[[models]]` table per model; see config/default.toml for every key.
+Relative paths are taken from the current working directory, as the seed's `./model/...` were.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from server.domain import ModelKind
+
+_KINDS = {"chat": ModelKind.CHAT, "embedding": ModelKind.EMBEDDING}
+_DTYPES = {"auto", "float32", "float16", "bfloat16"}
+
+
+class ConfigError(ValueError):
+    """The models config file is missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """One `[[models]]` entry, validated."""
+
+    id: str
+    kind: ModelKind
+    # Where the weights come from: a local folder (used when it exists), a Hugging Face Hub id, or
+    # an installed pip package that carries them (`package`, optionally a `subdir` inside it).
+    path: Path | None = None
+    hub_id: str | None = None
+    package: str | None = None
+    subdir: str = ""
+    # A GGUF file inside the source; it is converted once and cached (see server/models/sources.py).
+    gguf_file: str | None = None
+    owned_by: str = "owner"
+    # "auto" is CUDA when available, else CPU; or "cpu", "cuda", "cuda:1", ...
+    device: str = "auto"
+    # "auto" is float16 on CUDA and float32 on CPU.
+    dtype: str = "auto"
+    # Whether this model serves requests that name no model of its kind (else the first one does).
+    default: bool = False
+    # Whether the server refuses to start when this model fails to load (else: reported not ready).
+    required: bool = True
+    # Limits; None takes the model's own value (context window, max sequence length).
+    max_input_tokens: int | None = None
+    context_length: int | None = None
+    max_new_tokens: int = 1024
+    max_batch_prompts: int = 256
+    # Chat scheduling: sequences generated at once, and requests allowed to wait for a slot.
+    max_concurrent: int = 4
+    max_waiting: int = 64
+    # Embedding batching: the most prompts per forward pass, and how long a batch waits to fill.
+    batch_size: int = 32
+    batch_wait_ms: float = 2.0
+
+    @property
+    def source(self) -> str:
+        """A human-readable name of where the weights come from, for logs and errors."""
+        if self.path is not None and (self.path.exists() or self.hub_id is None):
+            return str(self.path)
+        if self.hub_id is not None:
+            return f"hub:{self.hub_id}"
+        return f"package:{self.package}" + (f"/{self.subdir}" if self.subdir else "")
+
+
+def _spec_from_table(table: dict[str, Any], index: int) -> ModelSpec:
+    where = f"models[{index}]" + (f" ({table['id']})" if "id" in table else "")
+    known = {f.name for f in fields(ModelSpec)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; known keys: {sorted(known)}")
+    if not isinstance(table.get("id"), str) or not table["id"]:
+        raise ConfigError(f"{where}: 'id' must be a non-empty string")
+    kind = _KINDS.get(str(table.get("kind", "")))
+    if kind is None:
+        raise ConfigError(f"{where}: 'kind' must be one of {sorted(_KINDS)}")
+    values = dict(table, kind=kind)
+    if "path" in values:
+        values["path"] = Path(str(values["path"])).expanduser()
+    if not any(values.get(k) for k in ("path", "hub_id", "package")):
+        raise ConfigError(f"{where}: give at least one of 'path', 'hub_id' or 'package'")
+    if values.get("dtype", "auto") not in _DTYPES:
+        raise ConfigError(f"{where}: 'dtype' must be one of {sorted(_DTYPES)}")
+    try:
+        spec = ModelSpec(**values)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    for name in ("max_new_tokens", "max_batch_prompts", "max_concurrent", "batch_size"):
+        if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
+            raise ConfigError(f"{where}: '{name}' must be a positive integer")
+    for name in ("max_input_tokens", "context_length"):
+        value = getattr(spec, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{where}: '{name}' must be a positive integer")
+    if spec.max_waiting < 0 or spec.batch_wait_ms < 0:
+        raise ConfigError(f"{where}: 'max_waiting' and 'batch_wait_ms' must not be negative")
+    return spec
+
+
+def load_model_specs(path: Path) -> tuple[ModelSpec, ...]:
+    """Read and validate the models config file."""
+    try:
+        with path.open("rb") as fh:
+            document = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"models config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    tables = document.get("models")
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError(f"{path}: expected at least one [[models]] table")
+    specs = tuple(_spec_from_table(t, i) for i, t in enumerate(tables))
+    ids = [s.id for s in specs]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ConfigError(f"{path}: duplicate model ids {duplicates}")
+    for kind in ModelKind:
+        defaults = [s.id for s in specs if s.kind is kind and s.default]
+        if len(defaults) > 1:
+            raise ConfigError(f"{path}: several default {kind.value} models: {defaults}")
+    return specs

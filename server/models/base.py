@@ -1,0 +1,104 @@
+"""The interfaces the engines program against; one implementation per model family.
+
+Model methods are blocking and may take seconds: the engines call them from worker threads, never
+from the event loop. Implementations are safe to call from several threads at once for inference.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from server.domain import ChatMessage, ModelKind, Tokenization
+
+# A model's key/value cache for one sequence; opaque to the engine.
+KVCache = Any
+
+
+class TokenDecoder(Protocol):
+    """The part of a tokenizer that turns ids back into text."""
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str:
+        """Decode ids into text."""
+        ...
+
+
+class Model(ABC):
+    """What every served model offers: identity, limits and a tokenizer."""
+
+    kind: ModelKind
+
+    @property
+    @abstractmethod
+    def max_input_tokens(self) -> int:
+        """The longest input the model accepts, in tokens."""
+
+    @property
+    @abstractmethod
+    def context_length(self) -> int:
+        """The model's context window, in tokens."""
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """Where the model's weights are."""
+
+    @abstractmethod
+    def tokenize(self, text: str, max_tokens: int) -> Tokenization:
+        """Split `text` the seed's way: ids with special prefix tokens, pieces without."""
+
+    @abstractmethod
+    def warmup(self) -> None:
+        """Run one tiny request so that the first real one pays no one-time costs."""
+
+
+class ChatModel(Model):
+    """A causal language model that continues a chat prompt one token at a time."""
+
+    kind = ModelKind.CHAT
+
+    @property
+    @abstractmethod
+    def decoder(self) -> TokenDecoder:
+        """The tokenizer used to turn generated ids into text."""
+
+    @property
+    @abstractmethod
+    def stop_token_ids(self) -> frozenset[int]:
+        """Ids that end a reply (end of sequence, end of turn)."""
+
+    @abstractmethod
+    def build_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """The token ids of the conversation, ending where the assistant's reply begins."""
+
+    @abstractmethod
+    def forward(
+        self, input_ids: Sequence[int], cache: KVCache | None
+    ) -> tuple[torch.Tensor, KVCache]:
+        """Feed new tokens after those in `cache` (None: a new sequence).
+
+        Returns the float32 logits of the next token (1-D, vocabulary-sized) and the updated cache.
+        """
+
+
+class EmbeddingModel(Model):
+    """A model that turns texts into fixed-size vectors."""
+
+    kind = ModelKind.EMBEDDING
+
+    @property
+    @abstractmethod
+    def dimensions(self) -> int:
+        """The length of every vector."""
+
+    @abstractmethod
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed `texts` in one or more forward passes; returns float32 (len(texts), dimensions)."""
+
+    @abstractmethod
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """The tokens each text takes after truncation to max_input_tokens."""

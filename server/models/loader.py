@@ -1,0 +1,20 @@
+"""Builds the model object a spec describes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from server.config import ModelSpec
+from server.domain import ModelKind
+from server.models.base import Model
+
+
+def load_model(spec: ModelSpec, cache_dir: Path) -> Model:
+    """Load the weights of `spec` (blocking; seconds to minutes)."""
+    if spec.kind is ModelKind.CHAT:
+        from server.models.causal_lm import TransformersChatModel
+
+        return TransformersChatModel(spec, cache_dir)
+    from server.models.sentence import SentenceTransformerModel
+
+    return SentenceTransformerModel(spec, cache_dir)

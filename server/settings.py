@@ -1,0 +1,129 @@
+"""Process-wide settings: one frozen object built from `GLM_*` environment variables and CLI flags.
+
+Flags win over the environment, the environment over the defaults. Everything that varies between
+deployments lives here; per-model settings live in the models config file (server/config.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = _PROJECT_ROOT / "config" / "default.toml"
+
+
+def _default_cache_dir() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "glm-api"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the server process needs to know before it loads a model."""
+
+    # Where the gRPC server listens, host:port; port 0 picks a free port.
+    grpc_address: str = "127.0.0.1:50051"
+    # The models config file (TOML).
+    config: Path = DEFAULT_CONFIG
+    # Python logging level name.
+    log_level: str = "INFO"
+    # "text" for people, "json" for log collectors.
+    log_format: str = "text"
+    # Where converted models (GGUF -> safetensors) are kept between starts.
+    cache_dir: Path = field(default_factory=_default_cache_dir)
+    # Seconds in-flight calls get to finish after SIGTERM/SIGINT before they are cancelled.
+    shutdown_grace_s: float = 10.0
+    # The largest gRPC message received or sent, in bytes (gRPC's own default is 4 MiB).
+    max_message_bytes: int = 16 * 1024 * 1024
+    # Threads torch may use per operation; 0 keeps torch's default (one per core).
+    torch_threads: int = 0
+    # Run one tiny request through each model before reporting SERVING.
+    warmup: bool = True
+
+    @property
+    def grpc_host(self) -> str:
+        """The host part of grpc_address."""
+        return self.grpc_address.rsplit(":", 1)[0]
+
+    @property
+    def grpc_port(self) -> int:
+        """The port part of grpc_address."""
+        return int(self.grpc_address.rsplit(":", 1)[1])
+
+
+_ENV_PREFIX = "GLM_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(name: str, raw: str, default: object) -> object:
+    """Turn a string from the environment or a flag into the type of the field's default."""
+    if isinstance(default, bool):
+        lowered = raw.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ValueError(f"{name}: expected a boolean (true/false), got {raw!r}")
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    if isinstance(default, Path):
+        return Path(raw).expanduser()
+    return raw
+
+
+def _validate(settings: Settings) -> Settings:
+    host, sep, port = settings.grpc_address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"grpc_address must be host:port, got {settings.grpc_address!r}")
+    if settings.log_format not in ("text", "json"):
+        raise ValueError(f"log_format must be 'text' or 'json', got {settings.log_format!r}")
+    if settings.max_message_bytes < 1024:
+        raise ValueError("max_message_bytes must be at least 1024")
+    if settings.shutdown_grace_s < 0:
+        raise ValueError("shutdown_grace_s must not be negative")
+    return settings
+
+
+def load_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Build the settings from `GLM_<FIELD>` variables, then `--field` flags on top."""
+    environ = os.environ if environ is None else environ
+    defaults = Settings()
+    values: dict[str, object] = {}
+    for f in fields(Settings):
+        raw = environ.get(_ENV_PREFIX + f.name.upper())
+        if raw is not None and raw != "":
+            values[f.name] = _coerce(_ENV_PREFIX + f.name.upper(), raw, getattr(defaults, f.name))
+
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Serve chat, embeddings and tokenization over gRPC (glm.v1.GlmService).",
+    )
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            default=None,
+            metavar=f.name.upper(),
+            help=f"(env {_ENV_PREFIX}{f.name.upper()}, default {getattr(defaults, f.name)})",
+        )
+    parsed = parser.parse_args(argv)
+    for f in fields(Settings):
+        raw = getattr(parsed, f.name)
+        if raw is not None:
+            values[f.name] = _coerce(flag_name(f.name), raw, getattr(defaults, f.name))
+    return _validate(Settings(**values))  # type: ignore[arg-type]
+
+
+def flag_name(field_name: str) -> str:
+    """The CLI flag of a settings field."""
+    return "--" + field_name.replace("_", "-")

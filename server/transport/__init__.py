@@ -1,0 +1,1 @@
+"""The transport layer: the grpc.aio server, its interceptors, health and reflection."""

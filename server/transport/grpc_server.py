@@ -1,0 +1,64 @@
+"""Builds the grpc.aio server: GlmService, health, reflection and the error interceptor."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from glm.v1 import glm_service_pb2 as pb
+from glm.v1 import glm_service_pb2_grpc as pb_grpc
+from server.transport.errors import ErrorInterceptor
+
+GLM_SERVICE = pb.DESCRIPTOR.services_by_name["GlmService"].full_name
+# Health is reported for the server as a whole ("") and for each service it hosts.
+HEALTH_SERVICES = ("", GLM_SERVICE)
+
+
+class Health:
+    """grpc.health.v1 statuses: NOT_SERVING until ready, SERVING, NOT_SERVING while draining."""
+
+    def __init__(self) -> None:
+        self.servicer = HealthServicer()
+
+    async def set_serving(self, serving: bool) -> None:
+        """Report every service as SERVING or NOT_SERVING."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in HEALTH_SERVICES:
+            await self.servicer.set(name, status)
+
+    async def drain(self) -> None:
+        """Report NOT_SERVING for good: the server is shutting down."""
+        await self.servicer.enter_graceful_shutdown()
+
+
+def build_server(
+    servicer: pb_grpc.GlmServiceServicer, health: Health, *, max_message_bytes: int
+) -> grpc.aio.Server:
+    """A server with every service registered and no port bound yet."""
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            # Fail loudly when the port is taken instead of sharing it with another process.
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    # The generated registration function carries no annotations.
+    pb_grpc.add_GlmServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    reflection.enable_server_reflection(
+        (
+            GLM_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    return server
