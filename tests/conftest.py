@@ -1,4 +1,4 @@
-"""Shared fixtures: a real glm-api server, in process, on a free port, with the real default models."""
+"""Shared fixtures: a real in-process glm-api server on a free port, with the default models."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from glm.v1 import glm_service_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2_grpc
 
+from glm.v1 import glm_service_pb2_grpc as pb_grpc
 from server.app import GlmApp
 from server.config import ModelSpec, load_model_specs
 from server.settings import DEFAULT_CONFIG, Settings
+
 
 def free_port() -> int:
     """A TCP port that was free a moment ago on 127.0.0.1."""
@@ -21,15 +22,18 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
+
 def default_specs(**overrides: object) -> tuple[ModelSpec, ...]:
     """The default config's models, with `overrides` applied to every spec that has those keys."""
     return tuple(dataclasses.replace(s, **overrides) for s in load_model_specs(DEFAULT_CONFIG))  # type: ignore[arg-type]
+
 
 def make_settings(**overrides: object) -> Settings:
     """Settings for an in-process server on a free port, shutting down fast."""
     values: dict[str, object] = {"grpc_address": "127.0.0.1:0", "shutdown_grace_s": 2.0}
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
+
 
 @pytest.fixture(scope="session")
 async def glm_app() -> AsyncIterator[GlmApp]:
@@ -40,16 +44,19 @@ async def glm_app() -> AsyncIterator[GlmApp]:
     yield app
     await app.stop(grace=1.0)
 
+
 @pytest.fixture(scope="session")
 async def channel(glm_app: GlmApp) -> AsyncIterator[grpc.aio.Channel]:
     """An asyncio channel to the shared server."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{glm_app.port}") as ch:
         yield ch
 
+
 @pytest.fixture(scope="session")
 def stub(channel: grpc.aio.Channel) -> pb_grpc.GlmServiceStub:
     """A GlmService stub on the shared server."""
     return pb_grpc.GlmServiceStub(channel)
+
 
 @pytest.fixture(scope="session")
 def health_stub(channel: grpc.aio.Channel) -> health_pb2_grpc.HealthStub:

@@ -1,14 +1,15 @@
-"""Chat over a real server with the real SmolLM2 model: streaming, modes, stops, usage, concurrency."""
+"""Chat on a real server with the real SmolLM2 model: streams, modes, stops, usage, concurrency."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import grpc
 import pytest
+
 from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
-
 from server.app import GlmApp
 from server.domain import ChatMessage, Role
 
@@ -35,7 +36,8 @@ async def test_stream_shape(stub: pb_grpc.GlmServiceStub) -> None:
     assert len(chunks) >= 2
     assert {c.id for c in chunks} == {chunks[0].id}
     assert chunks[0].id.startswith("chatcmpl-")
-    assert {c.created for c in chunks} == {chunks[0].created} and chunks[0].created > 0
+    assert {c.created for c in chunks} == {chunks[0].created}
+    assert chunks[0].created > 0
     assert {c.object for c in chunks} == {"chat.completion.chunk"}
     assert {c.model for c in chunks} == {"smollm2-135m-instruct"}
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -54,10 +56,11 @@ async def test_chunk_false_sends_whole_text_so_far(stub: pb_grpc.GlmServiceStub)
     wholes = await collect(stub, chat_request(chunk=False))
     texts = [c.choices[0].delta.content for c in wholes]
     # Each chunk repeats the previous text and extends it; the last is the whole reply.
-    for before, after in zip(texts, texts[1:], strict=False):
+    for before, after in itertools.pairwise(texts):
         assert after.startswith(before)
     assert texts[-1] == joined(deltas)
-    assert len(texts) > 2 and texts[1] != texts[-1]
+    assert len(texts) > 2
+    assert texts[1] != texts[-1]
 
 
 async def test_stream_false_sends_one_completion(stub: pb_grpc.GlmServiceStub) -> None:
@@ -121,13 +124,15 @@ async def test_stop_token_ids_end_the_reply(stub: pb_grpc.GlmServiceStub) -> Non
     assert chunks[-1].choices[0].finish_reason == "stop"
     assert chunks[-1].usage.completion_tokens == 3
     short = joined(chunks)
-    assert text.startswith(short) and len(short) < len(text)
+    assert text.startswith(short)
+    assert len(short) < len(text)
 
 
 async def test_seed_makes_sampling_reproducible(stub: pb_grpc.GlmServiceStub) -> None:
     def sampled(seed: int) -> pb.ChatRequest:
-        return chat_request("Write a short poem about the sea.", temperature=1.0, seed=seed,
-                            max_tokens=20)
+        return chat_request(
+            "Write a short poem about the sea.", temperature=1.0, seed=seed, max_tokens=20
+        )
 
     a = joined(await collect(stub, sampled(1234)))
     b = joined(await collect(stub, sampled(1234)))
@@ -168,7 +173,8 @@ async def test_chat_and_embed_and_tokenize_run_side_by_side(stub: pb_grpc.GlmSer
     tokens = await stub.Tokenize(pb.TokenizeRequest(prompt="hello"))
     next_chunk = await stream.read()
     assert next_chunk.choices[0].finish_reason == ""  # the story is still being told
-    assert embed.dimensions == 384 and tokens.token_ids
+    assert embed.dimensions == 384
+    assert tokens.token_ids
     stream.cancel()
 
 
@@ -191,12 +197,7 @@ async def test_observation_may_end_the_conversation(
 
 
 async def test_deadline_while_generating_is_reported(stub: pb_grpc.GlmServiceStub) -> None:
+    request = chat_request("Tell me a long story.", max_tokens=500)
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await collect_with_timeout(stub, chat_request("Tell me a long story.", max_tokens=500), 0.5)
+        _ = [r async for r in stub.Chat(request, timeout=0.5)]
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-async def collect_with_timeout(
-    stub: pb_grpc.GlmServiceStub, request: pb.ChatRequest, timeout: float
-) -> list[pb.ChatResponse]:
-    return [r async for r in stub.Chat(request, timeout=timeout)]

