@@ -1,0 +1,103 @@
+"""The error interceptor: domain errors become their statuses, bugs become INTERNAL and are logged.
+
+A deliberately broken servicer isolates the interceptor from the models.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from glm.v1 import glm_service_pb2 as pb
+from glm.v1 import glm_service_pb2_grpc as pb_grpc
+from server.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from server.transport.grpc_server import Health, build_server
+
+DOMAIN_ERRORS = {
+    "invalid": (InvalidArgumentError("bad"), grpc.StatusCode.INVALID_ARGUMENT),
+    "missing": (NotFoundError("no such"), grpc.StatusCode.NOT_FOUND),
+    "wrong-kind": (FailedPreconditionError("wrong"), grpc.StatusCode.FAILED_PRECONDITION),
+    "busy": (ResourceExhaustedError("full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    "loading": (UnavailableError("later"), grpc.StatusCode.UNAVAILABLE),
+}
+
+
+class BrokenService(pb_grpc.GlmServiceServicer):
+    """Raises the error its request names: a domain error by key, or a bug."""
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: Any) -> pb.TokenizeResponse:
+        if request.prompt in DOMAIN_ERRORS:
+            raise DOMAIN_ERRORS[request.prompt][0]
+        if request.prompt == "bug":
+            raise KeyError("a bug")
+        return pb.TokenizeResponse(tokens=[request.prompt])
+
+    async def Chat(self, request: pb.ChatRequest, context: Any) -> AsyncIterator[pb.ChatResponse]:
+        yield pb.ChatResponse(id="first")
+        if request.model == "bug":
+            raise ZeroDivisionError("mid-stream bug")
+        raise InvalidArgumentError("mid-stream bad input")
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[pb_grpc.GlmServiceStub]:
+    server = build_server(BrokenService(), Health(), max_message_bytes=1 << 20)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield pb_grpc.GlmServiceStub(channel)
+    await server.stop(0)
+
+
+@pytest.mark.parametrize("key", sorted(DOMAIN_ERRORS))
+async def test_domain_errors_map_to_their_status(stub: pb_grpc.GlmServiceStub, key: str) -> None:
+    error, code = DOMAIN_ERRORS[key]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Tokenize(pb.TokenizeRequest(prompt=key))
+    assert err.value.code() == code
+    assert err.value.details() == str(error)
+
+
+async def test_bugs_become_internal_and_are_logged(
+    stub: pb_grpc.GlmServiceStub, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.ERROR, logger="server.requests"),
+        pytest.raises(grpc.aio.AioRpcError) as err,
+    ):
+        await stub.Tokenize(pb.TokenizeRequest(prompt="bug"))
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    details = err.value.details() or ""
+    assert "a bug" not in details  # internals stay in the log
+    incident = details.split()[2].rstrip(";")
+    logged = [r for r in caplog.records if incident in r.getMessage()]
+    assert logged
+    assert logged[0].exc_info is not None
+
+
+async def test_errors_in_the_middle_of_a_stream(stub: pb_grpc.GlmServiceStub) -> None:
+    for model, code in (("", grpc.StatusCode.INVALID_ARGUMENT), ("bug", grpc.StatusCode.INTERNAL)):
+        call = stub.Chat(pb.ChatRequest(model=model))
+        first = await call.read()
+        assert first.id == "first"
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call.read()
+        assert err.value.code() == code
+
+
+async def test_the_server_keeps_serving_after_errors(stub: pb_grpc.GlmServiceStub) -> None:
+    for key in [*DOMAIN_ERRORS, "bug"]:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Tokenize(pb.TokenizeRequest(prompt=key))
+    ok = await stub.Tokenize(pb.TokenizeRequest(prompt="fine"))
+    assert list(ok.tokens) == ["fine"]
