@@ -10,7 +10,9 @@ PIP := $(VENV)/bin/pip
 # The stamp changes whenever a requirements file does, so `setup` reinstalls only when needed.
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml | sha1sum | cut -c1-12)
 BUF := node_modules/.bin/buf
-PROTO := proto/glm/v1/glm_service.proto
+PROTO := proto/glm/v1/glm_service.proto proto/glm/v1/http_gateway.proto
+# The descriptor set Envoy's transcoder reads (both services, with their imports).
+DESCRIPTOR := gen/glm_v1.binpb
 # Extra pip arguments, e.g. PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu".
 PIP_ARGS ?=
 PYTEST_ARGS ?=
@@ -37,7 +39,7 @@ gen: $(STAMP) ## Regenerate the Python stubs and the descriptor set in gen/ from
 	rm -rf gen && mkdir -p gen
 	$(PY) -m grpc_tools.protoc -I proto -I "$$($(PY) scripts/googleapis_protos.py)" \
 	  --python_out=gen --pyi_out=gen --grpc_python_out=gen \
-	  --include_imports --include_source_info --descriptor_set_out=gen/glm_service.binpb \
+	  --include_imports --include_source_info --descriptor_set_out=$(DESCRIPTOR) \
 	  $(PROTO)
 
 gen-check: gen ## Fail if gen/ is not what `make gen` produces from proto/.
@@ -48,7 +50,7 @@ $(BUF):
 	npm install --no-audit --no-fund --silent
 
 buf-lint: $(BUF) gen ## Lint the protobuf API with buf (STANDARD + COMMENTS rules).
-	$(BUF) lint gen/glm_service.binpb --path glm/v1/glm_service.proto
+	$(BUF) lint $(DESCRIPTOR) --path glm/v1
 
 lint: $(STAMP) buf-lint ## ruff, ruff format --check, mypy and buf lint.
 	$(VENV)/bin/ruff check .

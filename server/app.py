@@ -19,6 +19,7 @@ from server.config import ModelSpec, load_model_specs
 from server.engine.registry import Loader, ModelRegistry
 from server.models.loader import load_model
 from server.service.glm_service import GlmService
+from server.service.http_gateway import HttpGatewayService
 from server.settings import Settings
 from server.transport.grpc_server import Health, build_server
 
@@ -48,7 +49,10 @@ class GlmApp:
         await self.health.set_serving(False)
         service = GlmService(self.registry, self.settings.max_message_bytes)
         self._server = build_server(
-            service, self.health, max_message_bytes=self.settings.max_message_bytes
+            service,
+            self.health,
+            max_message_bytes=self.settings.max_message_bytes,
+            gateway=HttpGatewayService(service),
         )
         self.port = self._server.add_insecure_port(self.settings.grpc_address)
         if self.port == 0:

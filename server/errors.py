@@ -1,7 +1,8 @@
-"""Errors that requests can cause, independent of any transport.
+"""Errors that requests can cause, and what each means on every transport: the one mapping.
 
-Each class names the failure a client must act on; the transport layer maps them to gRPC status
-codes in one place (server/transport/errors.py). Anything else that escapes is a bug.
+Each class names the failure a client must act on, and carries the gRPC status name, the HTTP
+status and the error type that the transports report for it (server/transport/errors.py for
+gRPC, server/service/json_api for the JSON routes). Anything else that escapes is a bug.
 """
 
 from __future__ import annotations
@@ -12,28 +13,66 @@ from collections.abc import Iterable
 class GlmError(Exception):
     """Base of the errors a client caused or can act on; the message says what to fix."""
 
+    grpc_status = "UNKNOWN"
+    http_status = 500
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        # The request field at fault, when there is one (OpenAI's error objects name it).
+        self.param = param
+
 
 class InvalidArgumentError(GlmError):
     """The request is malformed or breaks a published limit."""
 
+    grpc_status = "INVALID_ARGUMENT"
+    http_status = 400
+    error_type = "invalid_request_error"
+
 
 class NotFoundError(GlmError):
-    """The request names something (a model) that does not exist."""
+    """The request names something (a model, a route) that does not exist."""
+
+    grpc_status = "NOT_FOUND"
+    http_status = 404
+    error_type = "not_found_error"
 
 
 class FailedPreconditionError(GlmError):
     """The request names a model that cannot do what was asked (wrong kind)."""
 
+    grpc_status = "FAILED_PRECONDITION"
+    http_status = 400
+    error_type = "invalid_request_error"
+
 
 class UnavailableError(GlmError):
     """The server cannot serve the request now (models still loading, shutting down)."""
+
+    grpc_status = "UNAVAILABLE"
+    http_status = 503
+    error_type = "service_unavailable_error"
 
 
 class ResourceExhaustedError(GlmError):
     """A bounded queue is full; the client should retry later."""
 
+    grpc_status = "RESOURCE_EXHAUSTED"
+    http_status = 429
+    error_type = "overloaded_error"
+
 
 def unknown_model(model_id: str, available: Iterable[str]) -> NotFoundError:
     """Build the NOT_FOUND error for an unknown model id, listing the ids that exist."""
     names = ", ".join(sorted(available)) or "none"
-    return NotFoundError(f"unknown model {model_id!r}; available models: {names}")
+    return NotFoundError(f"unknown model {model_id!r}; available models: {names}", param="model")
+
+
+class InternalError(GlmError):
+    """A bug: the details are in the server log under the incident id the message names."""
+
+    grpc_status = "INTERNAL"
+    http_status = 500
+    error_type = "server_error"

@@ -1,6 +1,9 @@
 """glm.v1.GlmService: turns RPCs into engine calls and engine results into responses.
 
-Errors are raised as server.errors exceptions; the transport's interceptor maps them to statuses.
+The work is done by transport-free methods (chat, embed, tokenize, list_models) that take and
+return protobuf messages; the RPC handlers and the JSON gateway (server/service/http_gateway.py)
+both call them, so every route runs one pipeline. Errors are raised as server.errors exceptions;
+the transport maps them to statuses.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 import numpy as np
@@ -27,11 +30,10 @@ class GlmService(pb_grpc.GlmServiceServicer):
         self._registry = registry
         self._max_message_bytes = max_message_bytes
 
-    async def Chat(
-        self,
-        request: pb.ChatRequest,
-        context: grpc.aio.ServicerContext[pb.ChatRequest, pb.ChatResponse],
-    ) -> AsyncIterator[pb.ChatResponse]:
+    # -- the pipeline, free of any transport ------------------------------------------------
+
+    async def chat(self, request: pb.ChatRequest) -> AsyncGenerator[pb.ChatResponse, None]:
+        """Stream the reply to `request` (one response only when request.stream is false)."""
         model_id, engine = self._registry.chat(request.model)
         chat_request = convert.chat_request_from_proto(request, model_id)
         stream = request.stream if request.HasField("stream") else True
@@ -68,11 +70,8 @@ class GlmService(pb_grpc.GlmServiceServicer):
                 )
                 first = False
 
-    async def Embed(
-        self,
-        request: pb.EmbedRequest,
-        context: grpc.aio.ServicerContext[pb.EmbedRequest, pb.EmbedResponse],
-    ) -> pb.EmbedResponse:
+    async def embed(self, request: pb.EmbedRequest) -> pb.EmbedResponse:
+        """The vectors of request.prompt, in order."""
         model_id, batcher, model = self._registry.embedder(request.model)
         texts = convert.embed_texts_from_proto(
             request, self._registry.spec(model_id).max_batch_prompts
@@ -89,11 +88,8 @@ class GlmService(pb_grpc.GlmServiceServicer):
             dimensions=model.dimensions,
         )
 
-    async def Tokenize(
-        self,
-        request: pb.TokenizeRequest,
-        context: grpc.aio.ServicerContext[pb.TokenizeRequest, pb.TokenizeResponse],
-    ) -> pb.TokenizeResponse:
+    async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
+        """The tokens of request.prompt under a model's tokenizer."""
         max_tokens = convert.tokenize_max_tokens(request)
         model_id, model = self._registry.any_model(request.model)
         result = await asyncio.to_thread(model.tokenize, request.prompt, max_tokens)
@@ -105,13 +101,42 @@ class GlmService(pb_grpc.GlmServiceServicer):
             truncated=result.truncated,
         )
 
-    async def ListModels(
-        self,
-        request: pb.ListModelsRequest,
-        context: grpc.aio.ServicerContext[pb.ListModelsRequest, pb.ListModelsResponse],
-    ) -> pb.ListModelsResponse:
+    async def list_models(self) -> pb.ListModelsResponse:
+        """Every configured model with its limits and readiness."""
         return pb.ListModelsResponse(
             object="list",
             data=[convert.model_to_proto(info) for info in self._registry.infos()],
             max_message_bytes=self._max_message_bytes,
         )
+
+    # -- gRPC handlers -----------------------------------------------------------------------
+
+    async def Chat(
+        self,
+        request: pb.ChatRequest,
+        context: grpc.aio.ServicerContext[pb.ChatRequest, pb.ChatResponse],
+    ) -> AsyncIterator[pb.ChatResponse]:
+        async with contextlib.aclosing(self.chat(request)) as responses:
+            async for response in responses:
+                yield response
+
+    async def Embed(
+        self,
+        request: pb.EmbedRequest,
+        context: grpc.aio.ServicerContext[pb.EmbedRequest, pb.EmbedResponse],
+    ) -> pb.EmbedResponse:
+        return await self.embed(request)
+
+    async def Tokenize(
+        self,
+        request: pb.TokenizeRequest,
+        context: grpc.aio.ServicerContext[pb.TokenizeRequest, pb.TokenizeResponse],
+    ) -> pb.TokenizeResponse:
+        return await self.tokenize(request)
+
+    async def ListModels(
+        self,
+        request: pb.ListModelsRequest,
+        context: grpc.aio.ServicerContext[pb.ListModelsRequest, pb.ListModelsResponse],
+    ) -> pb.ListModelsResponse:
+        return await self.list_models()

@@ -15,32 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from server.errors import (
-    FailedPreconditionError,
-    GlmError,
-    InvalidArgumentError,
-    NotFoundError,
-    ResourceExhaustedError,
-    UnavailableError,
-)
+from server.errors import GlmError
 
 log = logging.getLogger("server.requests")
 
-STATUS_OF: dict[type[GlmError], grpc.StatusCode] = {
-    InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
-    NotFoundError: grpc.StatusCode.NOT_FOUND,
-    FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
-    UnavailableError: grpc.StatusCode.UNAVAILABLE,
-    ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
-
 
 def status_of(error: GlmError) -> grpc.StatusCode:
-    """The gRPC status of a domain error (its nearest mapped class)."""
-    for cls in type(error).__mro__:
-        if cls in STATUS_OF:
-            return STATUS_OF[cls]
-    return grpc.StatusCode.UNKNOWN
+    """The gRPC status of a domain error (the mapping itself lives in server/errors.py)."""
+    return grpc.StatusCode[error.grpc_status]
 
 
 async def _abort_for(

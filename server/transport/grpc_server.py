@@ -9,11 +9,14 @@ from grpc_reflection.v1alpha import reflection
 
 from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
+from glm.v1 import http_gateway_pb2 as gw
+from glm.v1 import http_gateway_pb2_grpc as gw_grpc
 from server.transport.errors import ErrorInterceptor
 
 GLM_SERVICE = pb.DESCRIPTOR.services_by_name["GlmService"].full_name
+GATEWAY_SERVICE = gw.DESCRIPTOR.services_by_name["HttpGatewayService"].full_name
 # Health is reported for the server as a whole ("") and for each service it hosts.
-HEALTH_SERVICES = ("", GLM_SERVICE)
+HEALTH_SERVICES = ("", GLM_SERVICE, GATEWAY_SERVICE)
 
 
 class Health:
@@ -38,7 +41,11 @@ class Health:
 
 
 def build_server(
-    servicer: pb_grpc.GlmServiceServicer, health: Health, *, max_message_bytes: int
+    servicer: pb_grpc.GlmServiceServicer,
+    health: Health,
+    *,
+    max_message_bytes: int,
+    gateway: gw_grpc.HttpGatewayServiceServicer | None = None,
 ) -> grpc.aio.Server:
     """A server with every service registered and no port bound yet."""
     server = grpc.aio.server(
@@ -52,6 +59,8 @@ def build_server(
     )
     # The generated registration function carries no annotations.
     pb_grpc.add_GlmServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    if gateway is not None:
+        gw_grpc.add_HttpGatewayServiceServicer_to_server(gateway, server)  # type: ignore[no-untyped-call]
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(
         (

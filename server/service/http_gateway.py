@@ -1,0 +1,198 @@
+"""glm.v1.HttpGatewayService: the JSON routes Envoy transcodes, rendered from GlmService's pipeline.
+
+Each handler parses its dialect's JSON into a typed glm.v1 request, runs it through GlmService's
+transport-free methods, and renders the typed responses as the bytes its clients expect. The HTTP
+status goes in the STATUS_HEADER response header, which Envoy moves to the status line.
+Errors before the first byte become a JSON error with their status; errors in the middle of a
+stream become an in-band error event, since the 200 status line is already on the wire.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.api.httpbody_pb2 import HttpBody
+
+from glm.v1 import glm_service_pb2 as pb
+from glm.v1 import http_gateway_pb2_grpc as gw_grpc
+from server.errors import GlmError, InternalError, InvalidArgumentError
+from server.service.glm_service import GlmService
+from server.service.json_api import openai, seed
+from server.service.json_api.common import (
+    EVENT_STREAM,
+    JSON,
+    SSE_DONE,
+    HttpReply,
+    error_object,
+    error_reply,
+    json_reply,
+    sse_event,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS_HEADER = "x-glm-http-status"
+Context = grpc.aio.ServicerContext[Any, Any]
+ChunkRenderer = Callable[[pb.ChatResponse], list[bytes]]
+
+
+def _internal(exc: BaseException, route: str) -> InternalError:
+    """Log a bug with its traceback and return the error the client sees."""
+    incident = uuid.uuid4().hex[:12]
+    log.error("internal error %s in %s", incident, route, exc_info=exc)
+    return InternalError(f"internal error {incident}; the server log has the details")
+
+
+class HttpGatewayService(gw_grpc.HttpGatewayServiceServicer):
+    """The seed's routes and OpenAI's routes over one GlmService."""
+
+    def __init__(self, service: GlmService) -> None:
+        self._service = service
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    @staticmethod
+    async def _send(context: Context, reply: HttpReply) -> HttpBody:
+        await context.send_initial_metadata(((STATUS_HEADER, str(reply.status)),))
+        return HttpBody(content_type=reply.content_type, data=reply.body)
+
+    async def _unary(
+        self, context: Context, route: str, work: Callable[[], Awaitable[HttpReply]]
+    ) -> HttpBody:
+        try:
+            reply = await work()
+        except GlmError as exc:
+            reply = error_reply(exc)
+        except Exception as exc:
+            reply = error_reply(_internal(exc, route))
+        return await self._send(context, reply)
+
+    async def _chat(
+        self,
+        context: Context,
+        route: str,
+        parse: Callable[[], tuple[pb.ChatRequest, bool]],
+        whole: Callable[[pb.ChatResponse], dict[str, Any]],
+        chunk: ChunkRenderer,
+    ) -> AsyncGenerator[HttpBody, None]:
+        """Run a chat request; stream it as events or send it as one object."""
+        responses: AsyncGenerator[pb.ChatResponse, None] | None = None
+        try:
+            request, stream = parse()
+            responses = self._service.chat(request)
+            # Pull the first response before any byte is sent, so that a refused request
+            # (bad input, unknown model, busy) gets its own status instead of a 200.
+            first = await anext(responses)
+            if not stream:
+                yield await self._send(context, json_reply(whole(first)))
+                return
+            await context.send_initial_metadata(((STATUS_HEADER, "200"),))
+            yield HttpBody(content_type=EVENT_STREAM, data=b"".join(chunk(first)))
+        except StopAsyncIteration:
+            yield await self._send(context, error_reply(_internal(RuntimeError("empty"), route)))
+            return
+        except GlmError as exc:
+            yield await self._send(context, error_reply(exc))
+            return
+        except Exception as exc:
+            yield await self._send(context, error_reply(_internal(exc, route)))
+            return
+        try:
+            async for response in responses:
+                yield HttpBody(content_type=EVENT_STREAM, data=b"".join(chunk(response)))
+            yield HttpBody(content_type=EVENT_STREAM, data=SSE_DONE)
+        except GlmError as exc:
+            yield HttpBody(content_type=EVENT_STREAM, data=sse_event(error_object(exc)))
+        except Exception as exc:
+            error = _internal(exc, route)
+            yield HttpBody(content_type=EVENT_STREAM, data=sse_event(error_object(error)))
+        finally:
+            await responses.aclose()
+
+    # -- the seed's routes -----------------------------------------------------------------
+
+    async def SeedChat(self, request: HttpBody, context: Context) -> AsyncIterator[HttpBody]:
+        def parse() -> tuple[pb.ChatRequest, bool]:
+            typed = seed.chat_request(request.data)
+            return typed, seed.wants_stream(typed)
+
+        def chunk(response: pb.ChatResponse) -> list[bytes]:
+            return [sse_event(seed.chat_chunk(response))]
+
+        async with contextlib.aclosing(
+            self._chat(context, "/chat", parse, seed.chat_completion, chunk)
+        ) as replies:
+            async for reply in replies:
+                yield reply
+
+    async def SeedEmbedding(self, request: HttpBody, context: Context) -> HttpBody:
+        async def work() -> HttpReply:
+            response = await self._service.embed(seed.embed_request(request.data))
+            return json_reply(seed.embedding(response))
+
+        return await self._unary(context, "/embedding", work)
+
+    async def SeedTokenize(self, request: HttpBody, context: Context) -> HttpBody:
+        async def work() -> HttpReply:
+            response = await self._service.tokenize(seed.tokenize_request(request.data))
+            return json_reply(seed.tokenization(response))
+
+        return await self._unary(context, "/tokenize", work)
+
+    async def SeedListModels(self, request: HttpBody, context: Context) -> HttpBody:
+        async def work() -> HttpReply:
+            return json_reply(seed.model_list(await self._service.list_models()))
+
+        return await self._unary(context, "/models", work)
+
+    # -- OpenAI's routes ---------------------------------------------------------------------
+
+    async def OpenAiChatCompletions(
+        self, request: HttpBody, context: Context
+    ) -> AsyncIterator[HttpBody]:
+        include_usage = False
+
+        def parse() -> tuple[pb.ChatRequest, bool]:
+            nonlocal include_usage
+            typed, stream, include_usage = openai.chat_request(request.data)
+            return typed, stream
+
+        def chunk(response: pb.ChatResponse) -> list[bytes]:
+            events = [sse_event(openai.chat_chunk(response))]
+            if include_usage and response.HasField("usage"):
+                events.append(sse_event(openai.usage_chunk(response)))
+            return events
+
+        async with contextlib.aclosing(
+            self._chat(context, "/v1/chat/completions", parse, openai.chat_completion, chunk)
+        ) as replies:
+            async for reply in replies:
+                yield reply
+
+    async def OpenAiEmbeddings(self, request: HttpBody, context: Context) -> HttpBody:
+        async def work() -> HttpReply:
+            typed, encoding, dimensions = openai.embed_request(request.data)
+            response = await self._service.embed(typed)
+            if dimensions is not None and dimensions != response.dimensions:
+                raise InvalidArgumentError(
+                    f"model {response.model!r} makes {response.dimensions}-dimensional vectors; "
+                    f"dimensions={dimensions} is not supported",
+                    param="dimensions",
+                )
+            return json_reply(openai.embeddings(response, encoding))
+
+        return await self._unary(context, "/v1/embeddings", work)
+
+    async def OpenAiListModels(self, request: HttpBody, context: Context) -> HttpBody:
+        async def work() -> HttpReply:
+            return json_reply(openai.model_list(await self._service.list_models()))
+
+        return await self._unary(context, "/v1/models", work)
+
+
+__all__ = ["JSON", "STATUS_HEADER", "HttpGatewayService"]

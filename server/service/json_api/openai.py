@@ -1,0 +1,286 @@
+"""OpenAI's JSON routes (/v1/chat/completions, /v1/embeddings, /v1/models).
+
+Requests are mapped field by field onto the typed glm.v1 requests: what glm-api can honour is
+passed on, harmless client metadata (user, metadata, store) is ignored, and anything that would
+change the result in a way glm-api cannot do (n > 1, logprobs, tools, penalties) is refused with
+a 400 that names the parameter, rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import numpy as np
+
+from glm.v1 import glm_service_pb2 as pb
+from server.errors import InvalidArgumentError
+from server.service.json_api.common import parse_object
+
+# OpenAI's role names onto glm.v1's ("tool" results are ChatGLM3's "observation").
+_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "observation",
+}
+_IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options"}
+_HANDLED = {
+    "model",
+    "messages",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "stream",
+    "stop",
+    "seed",
+    "n",
+    "top_k",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+}
+# OpenAI's default temperature is 1 (the seed's is 0.7): this route follows OpenAI.
+DEFAULT_TEMPERATURE = 1.0
+
+
+def _number(payload: dict[str, Any], key: str) -> float | None:
+    value = payload.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgumentError(f"{key} must be a number", param=key)
+    return float(value)
+
+
+def _integer(payload: dict[str, Any], key: str) -> int | None:
+    value = payload.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(f"{key} must be an integer", param=key)
+    return value
+
+
+def _content(message: dict[str, Any], index: int) -> str:
+    """A message's text: a string, or the text parts of a content array."""
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise InvalidArgumentError(
+                    f"messages[{index}].content: only text parts are supported", param="messages"
+                )
+            texts.append(str(part.get("text", "")))
+        return "".join(texts)
+    raise InvalidArgumentError(
+        f"messages[{index}].content must be a string or an array of text parts", param="messages"
+    )
+
+
+def chat_request(body: bytes) -> tuple[pb.ChatRequest, bool, bool]:
+    """The typed request, whether to stream, and whether to send a separate usage chunk."""
+    payload = parse_object(body)
+    unknown = sorted(set(payload) - _HANDLED - _IGNORED)
+    if unknown:
+        raise InvalidArgumentError(
+            f"unsupported parameters: {', '.join(unknown)}", param=unknown[0]
+        )
+    if _integer(payload, "n") not in (None, 1):
+        raise InvalidArgumentError("only n=1 is supported", param="n")
+    for key in ("frequency_penalty", "presence_penalty"):
+        if _number(payload, key) not in (None, 0.0):
+            raise InvalidArgumentError(
+                f"{key} is not supported; use repetition_penalty instead", param=key
+            )
+    if payload.get("logprobs") or payload.get("top_logprobs"):
+        raise InvalidArgumentError("logprobs are not supported", param="logprobs")
+    response_format = payload.get("response_format")
+    if response_format not in (None, {"type": "text"}):
+        raise InvalidArgumentError(
+            "only the text response format is supported", param="response_format"
+        )
+
+    messages = payload.get("messages")
+    if not isinstance(messages, list):
+        raise InvalidArgumentError("messages must be an array of messages", param="messages")
+    request = pb.ChatRequest(model=str(payload.get("model") or ""))
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidArgumentError(f"messages[{i}] must be an object", param="messages")
+        role = _ROLES.get(str(message.get("role")))
+        if role is None:
+            raise InvalidArgumentError(
+                f"messages[{i}].role is {message.get('role')!r}; use one of: {', '.join(_ROLES)}",
+                param="messages",
+            )
+        request.messages.add(role=role, content=_content(message, i))
+
+    temperature = _number(payload, "temperature")
+    request.temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
+    if (top_p := _number(payload, "top_p")) is not None:
+        request.top_p = top_p
+    max_tokens = _integer(payload, "max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = _integer(payload, "max_tokens")
+    if max_tokens is not None:
+        request.max_tokens = max_tokens
+    if (top_k := _integer(payload, "top_k")) is not None:
+        request.top_k = top_k
+    if (penalty := _number(payload, "repetition_penalty")) is not None:
+        request.repetition_penalty = penalty
+    if (seed := _integer(payload, "seed")) is not None:
+        request.seed = seed & (2**64 - 1)
+    stop = payload.get("stop")
+    if isinstance(stop, str):
+        request.stop.append(stop)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        request.stop.extend(stop)
+    elif stop is not None:
+        raise InvalidArgumentError("stop must be a string or an array of strings", param="stop")
+
+    stream = bool(payload.get("stream", False))
+    request.stream = stream
+    options = payload.get("stream_options") or {}
+    include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+    return request, stream, include_usage
+
+
+def _usage(usage: pb.Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def chat_chunk(response: pb.ChatResponse) -> dict[str, Any]:
+    """A chat.completion.chunk; the last one also carries usage (OpenAI's optional field)."""
+    choice = response.choices[0]
+    delta: dict[str, str] = {"content": choice.delta.content}
+    if choice.delta.role:
+        delta = {"role": choice.delta.role, **delta}
+    chunk: dict[str, Any] = {
+        "id": response.id,
+        "object": "chat.completion.chunk",
+        "created": response.created,
+        "model": response.model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": 0,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": choice.finish_reason or None,
+            }
+        ],
+    }
+    if response.HasField("usage"):
+        chunk["usage"] = _usage(response.usage)
+    return chunk
+
+
+def usage_chunk(response: pb.ChatResponse) -> dict[str, Any]:
+    """The extra final chunk of stream_options.include_usage: no choices, only usage."""
+    return {
+        "id": response.id,
+        "object": "chat.completion.chunk",
+        "created": response.created,
+        "model": response.model,
+        "system_fingerprint": None,
+        "choices": [],
+        "usage": _usage(response.usage),
+    }
+
+
+def chat_completion(response: pb.ChatResponse) -> dict[str, Any]:
+    """A chat.completion object."""
+    choice = response.choices[0]
+    return {
+        "id": response.id,
+        "object": "chat.completion",
+        "created": response.created,
+        "model": response.model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": choice.message.content,
+                    "refusal": None,
+                },
+                "logprobs": None,
+                "finish_reason": choice.finish_reason,
+            }
+        ],
+        "usage": _usage(response.usage),
+    }
+
+
+def embed_request(body: bytes) -> tuple[pb.EmbedRequest, str, int | None]:
+    """The typed request (always normalized: OpenAI's vectors have unit length), the encoding
+    format ("float" or "base64") and the dimensions asked for, if any."""
+    payload = parse_object(body)
+    unknown = sorted(set(payload) - {"input", "model", "encoding_format", "dimensions", "user"})
+    if unknown:
+        raise InvalidArgumentError(
+            f"unsupported parameters: {', '.join(unknown)}", param=unknown[0]
+        )
+    texts = payload.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise InvalidArgumentError(
+            "input must be a string or an array of strings (token arrays are not supported)",
+            param="input",
+        )
+    encoding = payload.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise InvalidArgumentError(
+            "encoding_format must be 'float' or 'base64'", param="encoding_format"
+        )
+    request = pb.EmbedRequest(model=str(payload.get("model") or ""), prompt=texts, normalize=True)
+    return request, str(encoding), _integer(payload, "dimensions")
+
+
+def embeddings(response: pb.EmbedResponse, encoding: str) -> dict[str, Any]:
+    """OpenAI's embedding list; base64 is little-endian float32, as OpenAI sends it."""
+    data = []
+    for e in response.data:
+        vector: Any
+        if encoding == "base64":
+            vector = base64.b64encode(np.asarray(e.values, dtype="<f4").tobytes()).decode()
+        else:
+            vector = list(e.values)
+        data.append({"object": "embedding", "index": e.index, "embedding": vector})
+    return {
+        "object": "list",
+        "data": data,
+        "model": response.model,
+        "usage": {
+            "prompt_tokens": response.usage.prompt_tokens,
+            "total_tokens": response.usage.total_tokens,
+        },
+    }
+
+
+def model_list(response: pb.ListModelsResponse) -> dict[str, Any]:
+    """OpenAI's model list."""
+    return {
+        "object": "list",
+        "data": [
+            {"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by}
+            for m in response.data
+        ],
+    }
