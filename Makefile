@@ -17,7 +17,7 @@ DESCRIPTOR := gen/glm_v1.binpb
 PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup gen gen-check lint buf-lint fmt run test test-fast bench clean
+.PHONY: help setup gen gen-check lint buf-lint fmt run run-grpc envoy-config test bench clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -61,8 +61,14 @@ fmt: $(STAMP) ## Format the Python code.
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-run: $(STAMP) ## Serve the default models (gRPC on $$GLM_GRPC_ADDRESS, default 127.0.0.1:50051).
+run: $(STAMP) ## Serve the default models: JSON and gRPC on :8100 (Envoy), gRPC backend on :50051.
+	$(PY) -m gateway
+
+run-grpc: $(STAMP) ## Serve the gRPC server alone (no Envoy), on $$GLM_GRPC_ADDRESS.
 	$(PY) -m server
+
+envoy-config: $(STAMP) ## Regenerate envoy/envoy.compose.yaml (the config docker-compose mounts).
+	$(PY) -m gateway render --compose > envoy/envoy.compose.yaml
 
 test: $(STAMP) ## Run the test suite (real models, real servers on free ports).
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -37,7 +37,9 @@ class GlmApp:
     ) -> None:
         self.settings = settings
         self.specs = specs if specs is not None else load_model_specs(settings.config)
-        self.registry = ModelRegistry(self.specs, Path(settings.cache_dir), loader)
+        self.registry = ModelRegistry(
+            self.specs, Path(settings.cache_dir), loader, warmup=settings.warmup
+        )
         self.health = Health()
         self._server: grpc.aio.Server | None = None
         self.port = 0

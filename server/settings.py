@@ -43,6 +43,19 @@ class Settings:
     torch_threads: int = 0
     # Run one tiny request through each model before reporting SERVING.
     warmup: bool = True
+    # Where Envoy serves the JSON routes and passes gRPC through (`make run`): the seed's port.
+    http_host: str = "127.0.0.1"
+    http_port: int = 8100
+    # Browser origins allowed by CORS, comma-separated (e.g. "https://app.example.com"); none by
+    # default, and never "*" unless written here.
+    cors_origins: str = ""
+    # Envoy's log level (trace, debug, info, warning, error, critical, off).
+    envoy_log_level: str = "warning"
+
+    @property
+    def cors_origin_list(self) -> tuple[str, ...]:
+        """The allowed CORS origins, parsed."""
+        return tuple(o.strip() for o in self.cors_origins.split(",") if o.strip())
 
     @property
     def grpc_host(self) -> str:
@@ -86,6 +99,8 @@ def _validate(settings: Settings) -> Settings:
         raise ValueError(f"log_format must be 'text' or 'json', got {settings.log_format!r}")
     if settings.max_message_bytes < 1024:
         raise ValueError("max_message_bytes must be at least 1024")
+    if not 0 <= settings.http_port < 65536:
+        raise ValueError(f"http_port must be a TCP port, got {settings.http_port}")
     if settings.shutdown_grace_s < 0:
         raise ValueError("shutdown_grace_s must not be negative")
     return settings

@@ -50,8 +50,16 @@ class _Entry:
 class ModelRegistry:
     """Loads the configured models and hands out their engines."""
 
-    def __init__(self, specs: tuple[ModelSpec, ...], cache_dir: Path, loader: Loader) -> None:
+    def __init__(
+        self,
+        specs: tuple[ModelSpec, ...],
+        cache_dir: Path,
+        loader: Loader,
+        *,
+        warmup: bool = True,
+    ) -> None:
         self._entries = {s.id: _Entry(s) for s in specs}
+        self._warmup = warmup
         self._cache_dir = cache_dir
         self._loader = loader
         self._defaults: dict[ModelKind, str] = {}
@@ -72,7 +80,8 @@ class ModelRegistry:
             started = time.monotonic()
             try:
                 model = await asyncio.to_thread(self._loader, spec, self._cache_dir)
-                await asyncio.to_thread(model.warmup)
+                if self._warmup:
+                    await asyncio.to_thread(model.warmup)
             except Exception as exc:
                 entry.state = LoadState.FAILED
                 entry.error = f"{type(exc).__name__}: {exc}"
