@@ -1,0 +1,111 @@
+"""HttpGatewayService's framing, isolated from the models by a scripted GlmService stand-in.
+
+The stand-in yields or raises exactly what a test needs (an error after the first chunk cannot be
+provoked on demand with a real model); everything else is real: a grpc.aio server on a free port
+and the gateway calling it through HttpBody messages.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from google.api.httpbody_pb2 import HttpBody
+
+from glm.v1 import glm_service_pb2 as pb
+from glm.v1 import glm_service_pb2_grpc as pb_grpc
+from glm.v1 import http_gateway_pb2_grpc as gw_grpc
+from server.errors import InvalidArgumentError, ResourceExhaustedError
+from server.service.http_gateway import STATUS_HEADER, HttpGatewayService
+from server.transport.grpc_server import Health, build_server
+
+
+def chunk(text: str, finish: str = "") -> pb.ChatResponse:
+    response = pb.ChatResponse(id="chatcmpl-1", object="chat.completion.chunk", model="m")
+    response.choices.add(index=0, delta=pb.ChatDelta(content=text), finish_reason=finish)
+    if finish:
+        response.usage.CopyFrom(pb.Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5))
+    return response
+
+
+class ScriptedService:
+    """Plays the part of GlmService.chat according to the last user message."""
+
+    async def chat(self, request: pb.ChatRequest) -> AsyncGenerator[pb.ChatResponse, None]:
+        script = request.messages[-1].content
+        if script == "busy":
+            raise ResourceExhaustedError("full")
+        yield chunk("Hello")
+        if script == "fail-mid-stream":
+            raise InvalidArgumentError("went wrong after the first chunk")
+        if script == "bug-mid-stream":
+            raise ZeroDivisionError("a bug")
+        yield chunk(" world", finish="stop")
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[gw_grpc.HttpGatewayServiceStub]:
+    gateway = HttpGatewayService(ScriptedService())  # type: ignore[arg-type]
+    # GlmService itself is not under test: the generated base class answers UNIMPLEMENTED.
+    server = build_server(
+        pb_grpc.GlmServiceServicer(), Health(), max_message_bytes=1 << 20, gateway=gateway
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield gw_grpc.HttpGatewayServiceStub(channel)
+    await server.stop(0)
+
+
+def body(content: str, **extra: object) -> HttpBody:
+    payload = {"messages": [{"role": "user", "content": content}], **extra}
+    return HttpBody(content_type="application/json", data=json.dumps(payload).encode())
+
+
+async def read_all(call: Any) -> tuple[str | None, list[HttpBody]]:
+    replies = [r async for r in call]
+    metadata = await call.initial_metadata()
+    return dict(metadata).get(STATUS_HEADER), replies
+
+
+async def test_stream_is_framed_as_events_ending_in_done(
+    stub: gw_grpc.HttpGatewayServiceStub,
+) -> None:
+    status, replies = await read_all(stub.SeedChat(body("ok")))
+    assert status == "200"
+    assert replies[0].content_type == "text/event-stream"
+    events = b"".join(r.data for r in replies).split(b"\n\n")
+    assert events[-2:] == [b"data: [DONE]", b""]
+    first = json.loads(events[0].removeprefix(b"data: "))
+    assert first["choices"][0]["delta"]["content"] == "Hello"
+    assert first["choices"][0]["finish_reason"] is None
+
+
+async def test_refusal_before_the_first_byte_gets_its_status(
+    stub: gw_grpc.HttpGatewayServiceStub,
+) -> None:
+    status, replies = await read_all(stub.SeedChat(body("busy")))
+    assert status == "429"
+    assert len(replies) == 1
+    assert replies[0].content_type == "application/json"
+    assert json.loads(replies[0].data)["error"]["code"] == "resource_exhausted"
+
+
+@pytest.mark.parametrize(
+    ("script", "code"),
+    [("fail-mid-stream", "invalid_argument"), ("bug-mid-stream", "internal")],
+)
+async def test_errors_mid_stream_arrive_in_band(
+    stub: gw_grpc.HttpGatewayServiceStub, script: str, code: str
+) -> None:
+    status, replies = await read_all(stub.OpenAiChatCompletions(body(script, stream=True)))
+    assert status == "200"  # already sent with the first event
+    events = [e for e in b"".join(r.data for r in replies).split(b"\n\n") if e]
+    first = json.loads(events[0].removeprefix(b"data: "))
+    assert first["choices"][0]["delta"]["content"] == "Hello"
+    error = json.loads(events[-1].removeprefix(b"data: "))["error"]
+    assert error["code"] == code
+    assert b"[DONE]" not in b"".join(events)  # a failed stream does not claim completion
