@@ -15,6 +15,7 @@ from server.domain import ModelKind
 
 _KINDS = {"chat": ModelKind.CHAT, "embedding": ModelKind.EMBEDDING}
 _DTYPES = {"auto", "float32", "float16", "bfloat16"}
+_FAMILIES = {"chatglm3"}
 
 
 class ConfigError(ValueError):
@@ -35,6 +36,9 @@ class ModelSpec:
     subdir: str = ""
     # A GGUF file inside the source; it is converted once and cached (see server/models/sources.py).
     gguf_file: str | None = None
+    # The loader to use when the checkpoint's own files do not say: "chatglm3" (see
+    # server/models/chatglm3.py). None detects ChatGLM3 from a local config.json.
+    family: str | None = None
     owned_by: str = "owner"
     # "auto" is CUDA when available, else CPU; or "cpu", "cuda", "cuda:1", ...
     device: str = "auto"
@@ -84,6 +88,10 @@ def _spec_from_table(table: dict[str, Any], index: int) -> ModelSpec:
         raise ConfigError(f"{where}: give at least one of 'path', 'hub_id' or 'package'")
     if values.get("dtype", "auto") not in _DTYPES:
         raise ConfigError(f"{where}: 'dtype' must be one of {sorted(_DTYPES)}")
+    if values.get("family") is not None and (
+        values["family"] not in _FAMILIES or kind is not ModelKind.CHAT
+    ):
+        raise ConfigError(f"{where}: 'family' must be one of {sorted(_FAMILIES)} (chat models)")
     try:
         spec = ModelSpec(**values)
     except TypeError as exc:

@@ -1,4 +1,11 @@
-"""Embedding models that sentence-transformers loads (a folder with modules.json, or a Hub id)."""
+"""Embedding models that sentence-transformers runs.
+
+A sentence-transformers checkpoint (modules.json: text2vec-base-chinese-paraphrase, MiniLM, ...)
+loads as it describes itself. A plain transformers encoder without those files (BERT, e.g.
+text2vec-large-chinese) is assembled here as text2vec's own SentenceModel runs it: the encoder,
+then the mean of the token vectors over the attention mask, inputs cut at 256 tokens, vectors not
+normalized. (sentence-transformers would guess the same pooling but not the 256-token limit.)
+"""
 
 from __future__ import annotations
 
@@ -18,6 +25,34 @@ from server.models.sources import resolve_device, resolve_dtype, resolve_source
 
 log = logging.getLogger(__name__)
 
+# text2vec's SentenceModel cuts inputs at 256 tokens; plain encoder folders get the same default.
+PLAIN_ENCODER_MAX_TOKENS = 256
+
+
+def _has_modules_json(source: str) -> bool:
+    """Whether `source` (a folder or a Hub id) is a sentence-transformers checkpoint."""
+    from sentence_transformers.util import load_file_path
+
+    try:
+        return load_file_path(source, "modules.json") is not None
+    except Exception:  # offline, no such repo, ...: let sentence-transformers report it
+        log.debug("could not look for modules.json in %s", source, exc_info=True)
+        return True
+
+
+def _plain_encoder(source: str, spec: ModelSpec, device: torch.device) -> Any:
+    """A SentenceTransformer of a plain encoder: the encoder, then mask-aware mean pooling."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+    encoder = Transformer(source)
+    # Never past the position embeddings, whatever max_input_tokens asks for.
+    positions = int(getattr(encoder.auto_model.config, "max_position_embeddings", 0) or 0)
+    wanted = spec.max_input_tokens or PLAIN_ENCODER_MAX_TOKENS
+    encoder.max_seq_length = min(wanted, positions) if positions else wanted
+    pooling = Pooling(encoder.get_embedding_dimension(), pooling_mode="mean")
+    return SentenceTransformer(modules=[encoder, pooling], device=str(device))
+
 
 class SentenceTransformerModel(EmbeddingModel):
     """A sentence-transformers model; vectors come back as the model makes them (raw)."""
@@ -28,7 +63,11 @@ class SentenceTransformerModel(EmbeddingModel):
         self._spec = spec
         self._device = resolve_device(spec)
         dtype = resolve_dtype(spec, self._device)
-        self._st = SentenceTransformer(resolve_source(spec), device=str(self._device))
+        source = resolve_source(spec)
+        if _has_modules_json(source):
+            self._st = SentenceTransformer(source, device=str(self._device))
+        else:
+            self._st = _plain_encoder(source, spec, self._device)
         if dtype != torch.float32:
             self._st = self._st.to(dtype)
         self._st.eval()
