@@ -7,8 +7,9 @@ and to protobuf, the model layer from and to tensors.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class Role(enum.StrEnum):
@@ -32,6 +33,32 @@ class FinishReason(enum.StrEnum):
 
     STOP = "stop"
     LENGTH = "length"
+    FUNCTION_CALL = "function_call"
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionCall:
+    """A call of a tool: its name and its arguments as the text of a JSON object."""
+
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A tool offered to the model: name, description and JSON Schema parameters."""
+
+    name: str
+    description: str = ""
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The tool in OpenAI's function form, as models' tool prompts print it."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "parameters": dict(self.parameters),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +67,8 @@ class ChatMessage:
 
     role: Role
     content: str
+    # The tool call an assistant turn made instead of answering in text.
+    function_call: FunctionCall | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +98,7 @@ class ChatRequest:
     model: str
     messages: tuple[ChatMessage, ...]
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    tools: tuple[ToolSpec, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +121,8 @@ class GenerationEvent:
     text: str
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    # Set on the last event when the reply is a tool call (finish_reason FUNCTION_CALL).
+    function_call: FunctionCall | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,16 +6,23 @@ in the engine; everything here can be checked from the request alone.
 
 from __future__ import annotations
 
+import json
 import math
+import re
+from collections.abc import Sequence
+
+from google.protobuf import json_format
 
 from glm.v1 import glm_service_pb2 as pb
 from server.domain import (
     ChatMessage,
     ChatRequest,
     FinishReason,
+    FunctionCall,
     ModelInfo,
     Role,
     SamplingParams,
+    ToolSpec,
     Usage,
 )
 from server.errors import InvalidArgumentError
@@ -26,6 +33,42 @@ _LAST_ROLES = (Role.USER, Role.OBSERVATION)
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 DEFAULT_TOKENIZE_MAX_TOKENS = 4096
+MAX_TOOLS = 64
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _function_call_from_proto(call: pb.FunctionCall, where: str) -> FunctionCall:
+    if not _TOOL_NAME.fullmatch(call.name):
+        raise InvalidArgumentError(f"{where}.name must be 1 to 64 letters, digits, '_' or '-'")
+    try:
+        arguments = json.loads(call.arguments or "{}")
+    except json.JSONDecodeError as exc:
+        raise InvalidArgumentError(f"{where}.arguments is not valid JSON: {exc}") from exc
+    if not isinstance(arguments, dict):
+        raise InvalidArgumentError(f"{where}.arguments must be a JSON object")
+    return FunctionCall(call.name, json.dumps(arguments, ensure_ascii=False))
+
+
+def tools_from_proto(tools: Sequence[pb.Tool]) -> tuple[ToolSpec, ...]:
+    """Validate the offered tools: unique, well-named functions with object parameters."""
+    if len(tools) > MAX_TOOLS:
+        raise InvalidArgumentError(
+            f"tools holds {len(tools)} tools; at most {MAX_TOOLS} are allowed"
+        )
+    specs: list[ToolSpec] = []
+    for i, tool in enumerate(tools):
+        if tool.type not in ("", "function"):
+            raise InvalidArgumentError(f"tools[{i}].type must be 'function', got {tool.type!r}")
+        name = tool.function.name
+        if not _TOOL_NAME.fullmatch(name):
+            raise InvalidArgumentError(
+                f"tools[{i}].function.name must be 1 to 64 letters, digits, '_' or '-'"
+            )
+        if any(s.name == name for s in specs):
+            raise InvalidArgumentError(f"tools[{i}]: the tool name {name!r} is used twice")
+        parameters = json_format.MessageToDict(tool.function.parameters)
+        specs.append(ToolSpec(name, tool.function.description, parameters))
+    return tuple(specs)
 
 
 def _check_range(
@@ -48,7 +91,14 @@ def chat_request_from_proto(request: pb.ChatRequest, model_id: str) -> ChatReque
             raise InvalidArgumentError(
                 f"messages[{i}].role is {message.role!r}; use one of: {', '.join(_ROLES)}"
             )
-        messages.append(ChatMessage(role, message.content))
+        call = None
+        if message.HasField("function_call"):
+            if role is not Role.ASSISTANT:
+                raise InvalidArgumentError(
+                    f"messages[{i}]: only assistant messages carry a function_call"
+                )
+            call = _function_call_from_proto(message.function_call, f"messages[{i}].function_call")
+        messages.append(ChatMessage(role, message.content, call))
     if messages[-1].role not in _LAST_ROLES:
         raise InvalidArgumentError(
             "the last message must come from 'user' or 'observation', "
@@ -94,7 +144,17 @@ def chat_request_from_proto(request: pb.ChatRequest, model_id: str) -> ChatReque
         stop=tuple(request.stop),
         stop_token_ids=tuple(request.stop_token_ids),
     )
-    return ChatRequest(model=model_id, messages=tuple(messages), sampling=sampling)
+    return ChatRequest(
+        model=model_id,
+        messages=tuple(messages),
+        sampling=sampling,
+        tools=tools_from_proto(request.tools),
+    )
+
+
+def function_call_to_proto(call: FunctionCall) -> pb.FunctionCall:
+    """The wire form of a tool call."""
+    return pb.FunctionCall(name=call.name, arguments=call.arguments)
 
 
 def usage_to_proto(usage: Usage) -> pb.Usage:
@@ -115,6 +175,7 @@ def chat_chunk(
     first: bool,
     finish_reason: FinishReason | None = None,
     usage: Usage | None = None,
+    function_call: FunctionCall | None = None,
 ) -> pb.ChatResponse:
     """One streamed chunk (object chat.completion.chunk)."""
     choice = pb.ChatChoice(
@@ -122,6 +183,8 @@ def chat_chunk(
         delta=pb.ChatDelta(role=Role.ASSISTANT.value if first else "", content=content),
         finish_reason=finish_reason.value if finish_reason else "",
     )
+    if function_call is not None:
+        choice.delta.function_call.CopyFrom(function_call_to_proto(function_call))
     response = pb.ChatResponse(
         id=call_id, object="chat.completion.chunk", created=created, model=model, choices=[choice]
     )
@@ -138,6 +201,7 @@ def chat_completion(
     content: str,
     finish_reason: FinishReason,
     usage: Usage,
+    function_call: FunctionCall | None = None,
 ) -> pb.ChatResponse:
     """The single response of a stream=false call (object chat.completion)."""
     choice = pb.ChatChoice(
@@ -145,6 +209,8 @@ def chat_completion(
         message=pb.ChatMessage(role=Role.ASSISTANT.value, content=content),
         finish_reason=finish_reason.value,
     )
+    if function_call is not None:
+        choice.message.function_call.CopyFrom(function_call_to_proto(function_call))
     return pb.ChatResponse(
         id=call_id,
         object="chat.completion",
