@@ -12,6 +12,7 @@ import base64
 from typing import Any
 
 import numpy as np
+from google.protobuf import json_format
 
 from glm.v1 import glm_service_pb2 as pb
 from server.errors import InvalidArgumentError
@@ -26,6 +27,7 @@ _ROLES = {
     "tool": "observation",
 }
 _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options"}
+_FINISH = {"function_call": "tool_calls"}
 _HANDLED = {
     "model",
     "messages",
@@ -44,6 +46,8 @@ _HANDLED = {
     "logprobs",
     "top_logprobs",
     "response_format",
+    "tools",
+    "tool_choice",
 }
 # OpenAI's default temperature is 1 (the seed's is 0.7): this route follows OpenAI.
 DEFAULT_TEMPERATURE = 1.0
@@ -88,6 +92,55 @@ def _content(message: dict[str, Any], index: int) -> str:
     )
 
 
+def _add_tool_call(added: pb.ChatMessage, message: dict[str, Any], index: int) -> None:
+    """An assistant message's tool_calls (one at most) as the glm.v1 function_call."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return
+    if not isinstance(calls, list) or len(calls) != 1 or not isinstance(calls[0], dict):
+        raise InvalidArgumentError(
+            f"messages[{index}].tool_calls must hold exactly one call", param="messages"
+        )
+    function = calls[0].get("function") or {}
+    if not isinstance(function, dict):
+        raise InvalidArgumentError(f"messages[{index}].tool_calls[0].function", param="messages")
+    added.function_call.name = str(function.get("name", ""))
+    added.function_call.arguments = str(function.get("arguments", "{}"))
+
+
+def _add_tools(request: pb.ChatRequest, payload: dict[str, Any]) -> None:
+    """OpenAI's tools and tool_choice ("auto", or "none" to offer none)."""
+    choice = payload.get("tool_choice", "auto")
+    if choice not in ("auto", "none"):
+        raise InvalidArgumentError(
+            "tool_choice must be 'auto' or 'none'; forcing a tool is not supported",
+            param="tool_choice",
+        )
+    tools = payload.get("tools") or []
+    if choice == "none":
+        return
+    if not isinstance(tools, list):
+        raise InvalidArgumentError("tools must be an array of tools", param="tools")
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise InvalidArgumentError(f"tools[{i}] must be an object", param="tools")
+        try:
+            json_format.ParseDict(tool, request.tools.add())
+        except json_format.ParseError as exc:
+            raise InvalidArgumentError(f"tools[{i}]: {exc}", param="tools") from exc
+
+
+def _tool_calls(call: pb.FunctionCall, call_id: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "index": 0,
+            "id": call_id,
+            "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments},
+        }
+    ]
+
+
 def chat_request(body: bytes) -> tuple[pb.ChatRequest, bool, bool]:
     """The typed request, whether to stream, and whether to send a separate usage chunk."""
     payload = parse_object(body)
@@ -124,7 +177,9 @@ def chat_request(body: bytes) -> tuple[pb.ChatRequest, bool, bool]:
                 f"messages[{i}].role is {message.get('role')!r}; use one of: {', '.join(_ROLES)}",
                 param="messages",
             )
-        request.messages.add(role=role, content=_content(message, i))
+        added = request.messages.add(role=role, content=_content(message, i))
+        _add_tool_call(added, message, i)
+    _add_tools(request, payload)
 
     temperature = _number(payload, "temperature")
     request.temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
@@ -167,9 +222,11 @@ def _usage(usage: pb.Usage) -> dict[str, int]:
 def chat_chunk(response: pb.ChatResponse) -> dict[str, Any]:
     """A chat.completion.chunk; the last one also carries usage (OpenAI's optional field)."""
     choice = response.choices[0]
-    delta: dict[str, str] = {"content": choice.delta.content}
+    delta: dict[str, Any] = {"content": choice.delta.content}
     if choice.delta.role:
         delta = {"role": choice.delta.role, **delta}
+    if choice.delta.HasField("function_call"):
+        delta["tool_calls"] = _tool_calls(choice.delta.function_call, "call_" + response.id[-24:])
     chunk: dict[str, Any] = {
         "id": response.id,
         "object": "chat.completion.chunk",
@@ -181,7 +238,7 @@ def chat_chunk(response: pb.ChatResponse) -> dict[str, Any]:
                 "index": 0,
                 "delta": delta,
                 "logprobs": None,
-                "finish_reason": choice.finish_reason or None,
+                "finish_reason": _FINISH.get(choice.finish_reason, choice.finish_reason) or None,
             }
         ],
     }
@@ -206,6 +263,17 @@ def usage_chunk(response: pb.ChatResponse) -> dict[str, Any]:
 def chat_completion(response: pb.ChatResponse) -> dict[str, Any]:
     """A chat.completion object."""
     choice = response.choices[0]
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": choice.message.content,
+        "refusal": None,
+    }
+    if choice.message.HasField("function_call"):
+        message["content"] = None
+        message["tool_calls"] = [
+            {k: v for k, v in call.items() if k != "index"}
+            for call in _tool_calls(choice.message.function_call, "call_" + response.id[-24:])
+        ]
     return {
         "id": response.id,
         "object": "chat.completion",
@@ -215,13 +283,9 @@ def chat_completion(response: pb.ChatResponse) -> dict[str, Any]:
         "choices": [
             {
                 "index": 0,
-                "message": {
-                    "role": "assistant",
-                    "content": choice.message.content,
-                    "refusal": None,
-                },
+                "message": message,
                 "logprobs": None,
-                "finish_reason": choice.finish_reason,
+                "finish_reason": _FINISH.get(choice.finish_reason, choice.finish_reason),
             }
         ],
         "usage": _usage(response.usage),

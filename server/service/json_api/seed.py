@@ -32,13 +32,26 @@ def _usage(usage: pb.Usage) -> dict[str, int]:
     }
 
 
+def _function_call(call: pb.FunctionCall) -> dict[str, str]:
+    return {"name": call.name, "arguments": call.arguments}
+
+
+def _message(message: pb.ChatMessage) -> dict[str, Any]:
+    rendered: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.HasField("function_call"):
+        rendered["function_call"] = _function_call(message.function_call)
+    return rendered
+
+
 def chat_chunk(response: pb.ChatResponse) -> dict[str, Any]:
     """One streamed chunk: {"id", "model", "object", "created", "choices": [{"index", "delta",
     "finish_reason"}], "usage" (last chunk)}; finish_reason is null until the last chunk."""
     choice = response.choices[0]
-    delta: dict[str, str] = {"content": choice.delta.content}
+    delta: dict[str, Any] = {"content": choice.delta.content}
     if choice.delta.role:
         delta = {"role": choice.delta.role, **delta}
+    if choice.delta.HasField("function_call"):
+        delta["function_call"] = _function_call(choice.delta.function_call)
     chunk: dict[str, Any] = {
         "id": response.id,
         "model": response.model,
@@ -64,7 +77,7 @@ def chat_completion(response: pb.ChatResponse) -> dict[str, Any]:
         "choices": [
             {
                 "index": choice.index,
-                "message": {"role": choice.message.role, "content": choice.message.content},
+                "message": _message(choice.message),
                 "finish_reason": choice.finish_reason or None,
             }
         ],
