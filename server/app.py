@@ -7,6 +7,7 @@ connection refused) during a load that can take minutes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -16,7 +17,10 @@ import grpc
 import torch
 
 from server.config import ModelSpec, load_model_specs
+from server.domain import ModelKind
 from server.engine.registry import Loader, ModelRegistry
+from server.errors import GlmError
+from server.metrics import ChatStats, Metrics, MetricsServer
 from server.models.loader import load_model
 from server.service.glm_service import GlmService
 from server.service.http_gateway import HttpGatewayService
@@ -37,12 +41,38 @@ class GlmApp:
     ) -> None:
         self.settings = settings
         self.specs = specs if specs is not None else load_model_specs(settings.config)
+        # A registry of its own per app: several apps in one process (tests) count apart.
+        self.metrics = Metrics()
         self.registry = ModelRegistry(
-            self.specs, Path(settings.cache_dir), loader, warmup=settings.warmup
+            self.specs,
+            Path(settings.cache_dir),
+            loader,
+            warmup=settings.warmup,
+            metrics=self.metrics,
         )
+        self.metrics.watch_queues(self._chat_stats, self._embed_waiting)
         self.health = Health()
         self._server: grpc.aio.Server | None = None
+        self._metrics_server: MetricsServer | None = None
         self.port = 0
+        # Where the metrics are served (0: not served).
+        self.metrics_port = 0
+
+    def _chat_stats(self) -> dict[str, ChatStats]:
+        """Running and waiting counts of the ready chat models (read by the metrics thread)."""
+        stats: dict[str, ChatStats] = {}
+        for model_id in self.registry.ids(ModelKind.CHAT):
+            with contextlib.suppress(GlmError):  # not loaded (yet): no gauge
+                stats[model_id] = self.registry.chat(model_id)[1].stats
+        return stats
+
+    def _embed_waiting(self) -> dict[str, int]:
+        """Prompts waiting in each ready embedding model's batcher (read by the metrics thread)."""
+        waiting: dict[str, int] = {}
+        for model_id in self.registry.ids(ModelKind.EMBEDDING):
+            with contextlib.suppress(GlmError):
+                waiting[model_id] = self.registry.embedder(model_id)[1].waiting_prompts
+        return waiting
 
     async def start(self) -> int:
         """Bind the port and start answering (health NOT_SERVING); returns the bound port."""
@@ -55,10 +85,26 @@ class GlmApp:
             self.health,
             max_message_bytes=self.settings.max_message_bytes,
             gateway=HttpGatewayService(service),
+            metrics=self.metrics,
         )
         self.port = self._server.add_insecure_port(self.settings.grpc_address)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.grpc_address}")
+        if self.settings.metrics_port:
+            # Before the gRPC server starts: a taken metrics port fails the start, loudly, rather
+            # than leaving a server Prometheus cannot see (or one whose port another answers).
+            try:
+                self._metrics_server = MetricsServer(
+                    self.metrics, self.settings.grpc_host, self.settings.metrics_port
+                )
+            except OSError as exc:
+                await self._server.stop(None)  # give the gRPC port back
+                raise OSError(
+                    f"cannot serve metrics on {self.settings.grpc_host}:"
+                    f"{self.settings.metrics_port}: {exc}"
+                ) from exc
+            self.metrics_port = self._metrics_server.port
+            log.info("metrics on http://%s:%d/metrics", self.settings.grpc_host, self.metrics_port)
         await self._server.start()
         log.info(
             "gRPC listening on %s:%d (not serving until the models are ready)",
@@ -82,6 +128,9 @@ class GlmApp:
             log.info("draining: in-flight calls have %.1f s to finish", grace)
             await self._server.stop(grace)
         await self.registry.close()
+        if self._metrics_server is not None:
+            await asyncio.to_thread(self._metrics_server.close)
+            self._metrics_server = None
         log.info("stopped")
 
 

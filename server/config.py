@@ -16,6 +16,12 @@ from server.domain import ModelKind
 _KINDS = {"chat": ModelKind.CHAT, "embedding": ModelKind.EMBEDDING}
 _DTYPES = {"auto", "float32", "float16", "bfloat16"}
 _FAMILIES = {"chatglm3"}
+# Embedding: the most tokens one forward pass computes (rows x longest row, padding included) when
+# the model's max_batch_tokens is unset: 32 prompts of MiniLM's full 256 tokens.
+EMBED_MAX_BATCH_TOKENS = 8192
+# Chat: the tokens one scheduler step feeds when the model's max_batch_tokens is unset (one per
+# running sequence, the rest for prompt chunks; see server/engine/scheduler.py).
+CHAT_MAX_BATCH_TOKENS = 256
 
 
 class ConfigError(ValueError):
@@ -59,6 +65,11 @@ class ModelSpec:
     # Embedding batching: the most prompts per forward pass, and how long a batch waits to fill.
     batch_size: int = 32
     batch_wait_ms: float = 2.0
+    # The token budget of one forward pass; None takes the kind's default (embedding: prompts are
+    # packed into passes of at most this many tokens, padding included; EMBED_MAX_BATCH_TOKENS).
+    # Chat: the tokens of one scheduler step, one per running sequence plus a prompt chunk of the
+    # rest, so it must exceed max_concurrent (CHAT_MAX_BATCH_TOKENS).
+    max_batch_tokens: int | None = None
 
     @property
     def source(self) -> str:
@@ -99,10 +110,17 @@ def _spec_from_table(table: dict[str, Any], index: int) -> ModelSpec:
     for name in ("max_new_tokens", "max_batch_prompts", "max_concurrent", "batch_size"):
         if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
             raise ConfigError(f"{where}: '{name}' must be a positive integer")
-    for name in ("max_input_tokens", "context_length"):
+    for name in ("max_input_tokens", "context_length", "max_batch_tokens"):
         value = getattr(spec, name)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ConfigError(f"{where}: '{name}' must be a positive integer")
+    chat_budget = spec.max_batch_tokens or CHAT_MAX_BATCH_TOKENS
+    if kind is ModelKind.CHAT and chat_budget <= spec.max_concurrent:
+        raise ConfigError(
+            f"{where}: 'max_batch_tokens' ({chat_budget}) must be larger than 'max_concurrent' "
+            f"({spec.max_concurrent}): a step holds one token per running sequence plus a chunk "
+            "of a prompt"
+        )
     if spec.max_waiting < 0 or spec.batch_wait_ms < 0:
         raise ConfigError(f"{where}: 'max_waiting' and 'batch_wait_ms' must not be negative")
     return spec

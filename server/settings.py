@@ -51,6 +51,12 @@ class Settings:
     cors_origins: str = ""
     # Envoy's log level (trace, debug, info, warning, error, critical, off).
     envoy_log_level: str = "warning"
+    # Where Prometheus scrapes the metrics (GET /metrics), on the host of grpc_address; 0 serves
+    # none. Off by default: a fixed default port would make two servers on one host (replicas,
+    # a test server beside a running one) fail to start, and nobody scrapes a port nobody asked
+    # for. 9464 (the usual Prometheus exporter port) is a good choice; servers side by side each
+    # take their own.
+    metrics_port: int = 0
 
     @property
     def cors_origin_list(self) -> tuple[str, ...]:
@@ -101,6 +107,8 @@ def _validate(settings: Settings) -> Settings:
         raise ValueError("max_message_bytes must be at least 1024")
     if not 0 <= settings.http_port < 65536:
         raise ValueError(f"http_port must be a TCP port, got {settings.http_port}")
+    if not 0 <= settings.metrics_port < 65536:
+        raise ValueError(f"metrics_port must be a TCP port or 0, got {settings.metrics_port}")
     if settings.shutdown_grace_s < 0:
         raise ValueError("shutdown_grace_s must not be negative")
     return settings

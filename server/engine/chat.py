@@ -1,82 +1,111 @@
-"""Chat generation: one decode loop per request on a worker thread, streamed to the event loop.
+"""Chat generation: requests queue for a place, then share batched decode steps on one thread.
 
-Why threads and not the event loop: a forward pass takes milliseconds to seconds, and torch releases
-the GIL inside its kernels, so concurrent requests progress in parallel while the event loop keeps
-answering other calls. A bounded number of sequences run at once (`max_concurrent`); a bounded
-number wait for a slot (`max_waiting`); past that a request is refused at once.
+The event-loop side (this module) checks a request against the model's limits, bounds how many
+requests run (`max_concurrent`) and wait (`max_waiting`; past that a request is refused at once),
+and streams each request's events back. The work itself runs on the model's scheduler thread
+(server/engine/scheduler.py): every step, one forward pass advances every running sequence by one
+token, new requests join at the next step, and a finished or cancelled one leaves at once.
+
+Why a thread and not the event loop: a forward pass takes milliseconds to seconds, and torch
+releases the GIL inside its kernels, so the event loop keeps answering other calls meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
-import threading
-from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 
-import torch
-
-from server.domain import ChatRequest, FinishReason, GenerationEvent, Usage
-from server.engine.detokenize import IncrementalDetokenizer
-from server.engine.sampling import TokenSampler
-from server.engine.stops import StopStringMatcher
-from server.errors import InvalidArgumentError, ResourceExhaustedError
+from server.config import CHAT_MAX_BATCH_TOKENS
+from server.domain import ChatRequest, GenerationEvent
+from server.engine.scheduler import Item, Job, Scheduler, SchedulerCounters
+from server.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
+from server.metrics import EngineObserver
 from server.models.base import ChatModel
 
 log = logging.getLogger(__name__)
 
+__all__ = ["ChatEngine", "ChatEngineStats", "SchedulerCounters"]
 
-@dataclass(slots=True)
-class _Job:
-    """One request's generation, shared between its worker thread and its consumer."""
-
-    request: ChatRequest
-    prompt_ids: list[int]
-    max_new_tokens: int
-    emit: Callable[[GenerationEvent | BaseException], None]
-    cancelled: threading.Event = field(default_factory=threading.Event)
+# How long shutdown() waits for the scheduler's current step to end.
+_SHUTDOWN_WAIT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
 class ChatEngineStats:
     """What the engine is doing right now."""
 
+    # Sequences that hold (or are about to take) a slot and its cache memory.
     running: int
+    # Requests waiting for a place.
     waiting: int
 
 
 class ChatEngine:
-    """Generates replies for one chat model."""
+    """Generates replies for one chat model, continuously batched."""
 
     def __init__(
-        self, model: ChatModel, *, max_concurrent: int, max_waiting: int, max_new_tokens: int
+        self,
+        model: ChatModel,
+        *,
+        max_concurrent: int,
+        max_waiting: int,
+        max_new_tokens: int,
+        max_batch_tokens: int = CHAT_MAX_BATCH_TOKENS,
+        observer: EngineObserver | None = None,
     ) -> None:
         self._model = model
         self._max_concurrent = max_concurrent
         self._max_waiting = max_waiting
         self._max_new_tokens = max_new_tokens
-        self._slots = asyncio.Semaphore(max_concurrent)
+        self._places = asyncio.Semaphore(max_concurrent)
         self._waiting = 0
         self._running = 0
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max_concurrent, thread_name_prefix="chat"
-        )
         self._idle = asyncio.Event()
         self._idle.set()
+        self._closed = False
+
+        def report(phase: str, sequences: int, tokens: int, padded: int, seconds: float) -> None:
+            if observer is not None:
+                observer.forward_pass(
+                    phase=phase,
+                    sequences=sequences,
+                    tokens=tokens,
+                    seconds=seconds,
+                    padded_tokens=padded,
+                )
+
+        self._scheduler = Scheduler(
+            model,
+            max_concurrent=max_concurrent,
+            max_batch_tokens=max_batch_tokens,
+            observer=report if observer is not None else None,
+        )
 
     @property
     def stats(self) -> ChatEngineStats:
-        """How many sequences run and how many requests wait for a slot."""
+        """How many sequences run and how many requests wait for a place."""
         return ChatEngineStats(running=self._running, waiting=self._waiting)
+
+    @property
+    def counters(self) -> SchedulerCounters:
+        """Forward passes, decoded tokens and prefilled tokens so far (tests, metrics)."""
+        return self._scheduler.counters
 
     async def wait_idle(self) -> None:
         """Return once no sequence is running (used by tests and shutdown)."""
         await self._idle.wait()
 
     def shutdown(self) -> None:
-        """Stop the worker threads once the running sequences end."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop the scheduler thread after its current step; what still runs fails UNAVAILABLE.
+
+        New requests are refused from now on. Waits (a few seconds at most) for the thread to end,
+        so that no forward pass is still running when the process exits.
+        """
+        self._closed = True
+        self._scheduler.stop()
+        self._scheduler.join(timeout=_SHUTDOWN_WAIT_S)
 
     def _plan(self, request: ChatRequest) -> tuple[list[int], int]:
         """Tokenize the prompt and check it and max_tokens against the model's limits."""
@@ -119,8 +148,10 @@ class ChatEngine:
         """
         loop = asyncio.get_running_loop()
         prompt_ids, max_new = await asyncio.to_thread(self._plan, request)
+        if self._closed:
+            raise UnavailableError(f"model {request.model!r} is shutting down; retry later")
 
-        if self._waiting >= self._max_waiting and self._slots.locked():
+        if self._waiting >= self._max_waiting and self._places.locked():
             raise ResourceExhaustedError(
                 f"model {request.model!r} is busy: {self._max_concurrent} replies are being "
                 f"generated and {self._waiting} requests are waiting (max_waiting); retry later"
@@ -128,26 +159,17 @@ class ChatEngine:
         self._waiting += 1
         try:
             # A request cancelled here (deadline, client gone) never starts.
-            await self._slots.acquire()
+            await self._places.acquire()
         finally:
             self._waiting -= 1
 
-        queue: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
-
-        def emit(item: GenerationEvent | BaseException) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        job = _Job(request, prompt_ids, max_new, emit)
+        # The place is given back when the scheduler has freed the sequence's slot, not when the
+        # consumer leaves, so `running` counts the sequences that still hold memory.
         self._running += 1
         self._idle.clear()
-        try:
-            future = loop.run_in_executor(self._executor, self._run, job)
-        except BaseException:
-            self._release()
-            raise
-        # The slot is given back when the thread is really done, not when the consumer leaves, so
-        # `running` counts the sequences that still hold memory.
-        future.add_done_callback(lambda _: self._release())
+        queue: asyncio.Queue[Item] = asyncio.Queue()
+        job = Job(request, prompt_ids, max_new, loop, queue, on_done=self._release)
+        self._scheduler.submit(job)
         try:
             while True:
                 item = await queue.get()
@@ -157,66 +179,11 @@ class ChatEngine:
                 if item.finish_reason is not None:
                     return
         finally:
+            # Seen by the scheduler at its next step; a no-op for a job that has ended.
             job.cancelled.set()
 
     def _release(self) -> None:
         self._running -= 1
-        self._slots.release()
+        self._places.release()
         if self._running == 0:
             self._idle.set()
-
-    def _run(self, job: _Job) -> None:
-        """The decode loop, on a worker thread."""
-        try:
-            self._decode(job)
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            log.exception("generation failed for model %s", job.request.model)
-            job.emit(exc)
-
-    def _decode(self, job: _Job) -> None:
-        model = self._model
-        params = job.request.sampling
-        sampler = TokenSampler(params, model.device)
-        detok = IncrementalDetokenizer(model.decoder, job.prompt_ids)
-        stops = StopStringMatcher(params.stop)
-        stop_ids = model.stop_token_ids | frozenset(params.stop_token_ids)
-        history = torch.tensor(job.prompt_ids, dtype=torch.long, device=model.device)
-        logits, cache = model.forward(job.prompt_ids, None)
-        generated = 0
-        finish = FinishReason.LENGTH
-        string_stopped = False
-        while generated < job.max_new_tokens:
-            if job.cancelled.is_set():
-                return
-            token = sampler(history, logits)
-            generated += 1
-            if token in stop_ids:
-                finish = FinishReason.STOP
-                break
-            text, string_stopped = stops.feed(detok.push(token))
-            if text:
-                job.emit(GenerationEvent(text))
-            if string_stopped:
-                finish = FinishReason.STOP
-                break
-            if generated == job.max_new_tokens:
-                break
-            history = torch.cat([history, history.new_tensor([token])])
-            logits, cache = model.forward([token], cache)
-        del cache
-        tail = ""
-        if not string_stopped:
-            # Text held back for an incomplete character or a possible stop string is released
-            # now, unless it completes a stop string.
-            tail, string_stopped = stops.feed(detok.flush())
-            if string_stopped:
-                finish = FinishReason.STOP
-            else:
-                tail += stops.flush()
-        job.emit(
-            GenerationEvent(
-                tail,
-                finish_reason=finish,
-                usage=Usage(prompt_tokens=len(job.prompt_ids), completion_tokens=generated),
-            )
-        )

@@ -1,8 +1,23 @@
-"""Dynamic batching of Embed calls: concurrent requests share forward passes.
+"""Token-budget batching of Embed calls: concurrent requests share forward passes.
 
-One worker task per embedding model takes the first waiting request, waits up to `max_wait_s` for
-more until `max_batch_size` prompts are gathered, and runs one `encode` on a worker thread. Each
-request gets back its own rows, in its own order. A request larger than the batch runs alone.
+One worker task per embedding model. It takes the first waiting request, waits up to `max_wait_s`
+for more (until `max_batch_size` prompts wait), then takes every waiting request as one round:
+
+1. It counts the tokens of the round's prompts (after truncation to the model's max_input_tokens,
+   as the model will see them), in one tokenizer call on a worker thread.
+2. It sorts the prompts of all the round's requests by length and cuts them into forward passes:
+   a pass takes prompts while `rows x longest row` (the tokens a padded batch computes) stays
+   within `max_batch_tokens` and the rows within `max_batch_size`. Sorting puts prompts of similar
+   length together, so little of a pass is padding; a request with more prompts than a pass holds
+   is spread over several passes, and a single prompt longer than the budget runs alone.
+3. It runs the passes one after another (`encode` on a worker thread) and hands each request its
+   rows, in its own input order, as soon as its last row is done: short prompts go first, so small
+   requests are answered early.
+
+Requests that arrive during a round wait for the next one (at most one round: a round only holds
+what was waiting when it began). A caller that leaves (cancelled, deadline) gives up its rows not
+yet embedded. Past `max_waiting_prompts` prompts accepted and not yet embedded, a new request is
+refused at once with RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -12,20 +27,61 @@ import contextlib
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from server.errors import ResourceExhaustedError, UnavailableError
+from server.metrics import NULL_OBSERVER, EngineObserver
 from server.models.base import EmbeddingModel
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class _Pending:
+@dataclass(slots=True, eq=False)
+class _Request:
+    """One Embed call: its prompts, its future, and the rows computed so far."""
+
     texts: tuple[str, ...]
     future: asyncio.Future[tuple[np.ndarray, int]]
+    # Token counts of the prompts, once the round that holds the request counted them.
+    counts: list[int] = field(default_factory=list)
+    # Rows still to be embedded; the batcher's waiting count holds exactly these.
+    remaining: int = 0
+    vectors: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.remaining = len(self.texts)
+
+
+@dataclass(slots=True, eq=False)
+class _Row:
+    """One prompt of one request: where its vector goes and what it costs."""
+
+    request: _Request
+    index: int
+    tokens: int
+
+
+def plan_passes(rows: list[_Row], max_rows: int, max_tokens: int) -> list[list[_Row]]:
+    """Cut rows into forward passes by length: each pass's rows x longest row <= max_tokens.
+
+    The sort is stable, so rows of equal length keep their arrival order. A pass always takes at
+    least one row, so a row longer than max_tokens runs alone.
+    """
+    passes: list[list[_Row]] = []
+    current: list[_Row] = []
+    for row in sorted(rows, key=lambda r: r.tokens):
+        # Ascending order: the row being added is the longest of the pass so far.
+        if current and (
+            len(current) + 1 > max_rows or (len(current) + 1) * max(row.tokens, 1) > max_tokens
+        ):
+            passes.append(current)
+            current = []
+        current.append(row)
+    if current:
+        passes.append(current)
+    return passes
 
 
 class EmbedBatcher:
@@ -36,18 +92,31 @@ class EmbedBatcher:
         model: EmbeddingModel,
         *,
         max_batch_size: int,
+        max_batch_tokens: int,
         max_wait_s: float,
         max_waiting_prompts: int,
+        observer: EngineObserver = NULL_OBSERVER,
     ) -> None:
         self._model = model
         self._max_batch = max_batch_size
+        self._max_tokens = max_batch_tokens
         self._max_wait_s = max_wait_s
         self._max_waiting = max_waiting_prompts
-        self._queue: deque[_Pending] = deque()
-        self._queued_prompts = 0
+        self._observer = observer
+        self._queue: deque[_Request] = deque()
+        # The requests of the round being embedded (so that stop() can answer them too).
+        self._round: list[_Request] = []
+        # Prompts accepted and not embedded yet: queued ones and the round's unfinished ones.
+        self._pending = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Forward passes run so far (tests and benchmarks read it).
         self.batches_run = 0
+
+    @property
+    def waiting_prompts(self) -> int:
+        """Prompts accepted and not embedded yet (what the waiting limit counts)."""
+        return self._pending
 
     async def start(self) -> None:
         """Start the worker task."""
@@ -55,84 +124,123 @@ class EmbedBatcher:
             self._task = asyncio.create_task(self._worker(), name="embed-batcher")
 
     async def stop(self) -> None:
-        """Stop the worker; requests still queued fail with UNAVAILABLE."""
+        """Stop the worker; requests not answered yet fail with UNAVAILABLE."""
+        # Taken before the worker is cancelled: it forgets its round as it unwinds.
+        in_round = list(self._round)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        while self._queue:
-            pending = self._queue.popleft()
-            if not pending.future.done():
-                pending.future.set_exception(UnavailableError("the server is shutting down"))
-        self._queued_prompts = 0
+        for request in [*in_round, *self._queue]:
+            if not request.future.done():
+                request.future.set_exception(UnavailableError("the server is shutting down"))
+        self._round = []
+        self._queue.clear()
 
     async def embed(self, texts: tuple[str, ...]) -> tuple[np.ndarray, int]:
         """The raw vectors of `texts` (one row each, in order) and the tokens they took."""
         if self._task is None:
             raise UnavailableError("the embedding batcher is not running")
-        if self._queued_prompts and self._queued_prompts + len(texts) > self._max_waiting:
+        if self._pending and self._pending + len(texts) > self._max_waiting:
             raise ResourceExhaustedError(
-                f"{self._queued_prompts} prompts are already waiting to be embedded "
+                f"{self._pending} prompts are already waiting to be embedded "
                 f"(limit {self._max_waiting}); retry later"
             )
+        if not texts:
+            return np.zeros((0, self._model.dimensions), dtype=np.float32), 0
         future: asyncio.Future[tuple[np.ndarray, int]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(texts, future))
-        self._queued_prompts += len(texts)
+        request = _Request(texts, future)
+        # However the future ends (result, error, the caller cancelling it), the rows it still
+        # had leave the waiting count.
+        future.add_done_callback(lambda _: self._forget(request))
+        self._queue.append(request)
+        self._pending += len(texts)
         self._wakeup.set()
         return await future
 
-    def _take_batch(self) -> list[_Pending]:
-        """Pop requests until the batch is full; cancelled requests are dropped here."""
-        batch: list[_Pending] = []
-        size = 0
-        while self._queue:
-            head = self._queue[0]
-            if head.future.done():  # its caller left before the batch started
-                self._queue.popleft()
-                self._queued_prompts -= len(head.texts)
-                continue
-            if batch and size + len(head.texts) > self._max_batch:
-                break
-            self._queue.popleft()
-            self._queued_prompts -= len(head.texts)
-            batch.append(head)
-            size += len(head.texts)
-        return batch
+    def _forget(self, request: _Request) -> None:
+        self._pending -= request.remaining
+        request.remaining = 0
 
     def _queued_live(self) -> int:
-        return sum(len(p.texts) for p in self._queue if not p.future.done())
+        return sum(r.remaining for r in self._queue if not r.future.done())
+
+    def _take_round(self) -> list[_Request]:
+        """Every request still wanted, in arrival order; the queue is left empty."""
+        taken = [r for r in self._queue if not r.future.done()]
+        self._queue.clear()
+        return taken
 
     async def _worker(self) -> None:
         while True:
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            # Give concurrent callers a moment to join this forward pass, unless it is full.
+            # Give concurrent callers a moment to join this round, unless a pass is already full.
             deadline = time.monotonic() + self._max_wait_s
             while self._queued_live() < self._max_batch and time.monotonic() < deadline:
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), deadline - time.monotonic())
-            batch = self._take_batch()
-            if not batch:
-                continue
-            texts = [t for p in batch for t in p.texts]
+            self._round = self._take_round()
             try:
-                vectors, counts = await asyncio.to_thread(self._encode, texts)
-            except Exception as exc:
-                log.exception("embedding batch of %d prompts failed", len(texts))
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
-            self.batches_run += 1
-            row = 0
-            for p in batch:
-                n = len(p.texts)
-                if not p.future.done():
-                    p.future.set_result((vectors[row : row + n], sum(counts[row : row + n])))
-                row += n
+                if self._round:
+                    await self._run_round(self._round)
+            finally:
+                self._round = []
 
-    def _encode(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
-        return self._model.encode(texts), self._model.count_tokens(texts)
+    async def _run_round(self, requests: list[_Request]) -> None:
+        texts = [t for r in requests for t in r.texts]
+        try:
+            counts = await asyncio.to_thread(self._model.count_tokens, texts)
+        except Exception as exc:
+            log.exception("counting the tokens of %d prompts failed", len(texts))
+            _fail(requests, exc)
+            return
+        rows: list[_Row] = []
+        at = 0
+        for request in requests:
+            request.counts = counts[at : at + len(request.texts)]
+            at += len(request.texts)
+            rows.extend(_Row(request, i, n) for i, n in enumerate(request.counts))
+        for rows_of_pass in plan_passes(rows, self._max_batch, self._max_tokens):
+            live = [row for row in rows_of_pass if not row.request.future.done()]
+            if live:
+                await self._run_pass(live)
+
+    async def _run_pass(self, rows: list[_Row]) -> None:
+        texts = [row.request.texts[row.index] for row in rows]
+        started = time.monotonic()
+        try:
+            vectors = await asyncio.to_thread(self._model.encode, texts)
+        except Exception as exc:
+            log.exception("embedding pass of %d prompts failed", len(texts))
+            _fail(list({id(row.request): row.request for row in rows}.values()), exc)
+            return
+        tokens = [row.tokens for row in rows]
+        self.batches_run += 1
+        self._observer.forward_pass(
+            phase="embed",
+            sequences=len(rows),
+            tokens=sum(tokens),
+            padded_tokens=len(rows) * max(tokens),
+            seconds=time.monotonic() - started,
+        )
+        for row, vector in zip(rows, vectors, strict=True):
+            request = row.request
+            if request.future.done():  # its caller left while the pass ran
+                continue
+            if request.vectors is None:
+                request.vectors = np.empty((len(request.texts), vector.shape[0]), np.float32)
+            request.vectors[row.index] = vector
+            request.remaining -= 1
+            self._pending -= 1
+            if request.remaining == 0:
+                request.future.set_result((request.vectors, sum(request.counts)))
+
+
+def _fail(requests: list[_Request], exc: Exception) -> None:
+    for request in requests:
+        if not request.future.done():
+            request.future.set_exception(exc)

@@ -10,11 +10,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.config import ModelSpec
+from server.config import CHAT_MAX_BATCH_TOKENS, EMBED_MAX_BATCH_TOKENS, ModelSpec
 from server.domain import ModelInfo, ModelKind, ModelLimits
 from server.engine.chat import ChatEngine
 from server.engine.embed import EmbedBatcher
 from server.errors import FailedPreconditionError, UnavailableError, unknown_model
+from server.metrics import NULL_OBSERVER, EngineObserver, Metrics
 from server.models.base import ChatModel, EmbeddingModel, Model
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,10 @@ class ModelRegistry:
         loader: Loader,
         *,
         warmup: bool = True,
+        metrics: Metrics | None = None,
     ) -> None:
         self._entries = {s.id: _Entry(s) for s in specs}
+        self._metrics = metrics
         self._warmup = warmup
         self._cache_dir = cache_dir
         self._loader = loader
@@ -98,18 +101,26 @@ class ModelRegistry:
                     max_concurrent=spec.max_concurrent,
                     max_waiting=spec.max_waiting,
                     max_new_tokens=spec.max_new_tokens,
+                    max_batch_tokens=spec.max_batch_tokens or CHAT_MAX_BATCH_TOKENS,
+                    observer=self.observer(spec.id),
                 )
             elif isinstance(model, EmbeddingModel):
                 entry.embed = EmbedBatcher(
                     model,
                     max_batch_size=spec.batch_size,
+                    max_batch_tokens=spec.max_batch_tokens or EMBED_MAX_BATCH_TOKENS,
                     max_wait_s=spec.batch_wait_ms / 1000.0,
                     max_waiting_prompts=max(spec.max_batch_prompts, spec.batch_size) * 16,
+                    observer=self.observer(spec.id),
                 )
                 await entry.embed.start()
             entry.created = int(time.time())
             entry.state = LoadState.READY
             log.info("model %s ready in %.1f s", spec.id, time.monotonic() - started)
+
+    def observer(self, model_id: str) -> EngineObserver:
+        """The hooks the engine of `model_id` reports its forward passes through (metrics)."""
+        return NULL_OBSERVER if self._metrics is None else self._metrics.observer(model_id)
 
     async def close(self) -> None:
         """Stop the engines (after the server stopped taking calls)."""

@@ -84,6 +84,16 @@ class ChatModel(Model):
         Returns the float32 logits of the next token (1-D, vocabulary-sized) and the updated cache.
         """
 
+    @property
+    def causal_lm(self) -> torch.nn.Module | None:
+        """The transformers causal LM (a `...ForCausalLM` module) behind `forward`, if any.
+
+        With it, the chat engine decodes all running sequences together, one forward pass per
+        token (server/engine/kv_slots.py calls it with input ids, a 4-D attention mask, position
+        ids and its own `Cache`). None (the default): each sequence steps alone through `forward`.
+        """
+        return None
+
 
 class EmbeddingModel(Model):
     """A model that turns texts into fixed-size vectors."""

@@ -110,6 +110,11 @@ class TransformersChatModel(ChatModel):
     def stop_token_ids(self) -> frozenset[int]:
         return self._stop_ids
 
+    @property
+    def causal_lm(self) -> torch.nn.Module:
+        module: torch.nn.Module = self._model
+        return module
+
     def build_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
         conversation = [{"role": _TEMPLATE_ROLES[m.role], "content": m.content} for m in messages]
         with self._lock:

@@ -20,6 +20,7 @@ import numpy as np
 from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
 from server.engine.registry import ModelRegistry
+from server.metrics import current_call
 from server.service import convert
 
 
@@ -35,6 +36,8 @@ class GlmService(pb_grpc.GlmServiceServicer):
     async def chat(self, request: pb.ChatRequest) -> AsyncGenerator[pb.ChatResponse, None]:
         """Stream the reply to `request` (one response only when request.stream is false)."""
         model_id, engine = self._registry.chat(request.model)
+        call = current_call()  # what the request log line and the metrics report
+        call.note_model(model_id)
         chat_request = convert.chat_request_from_proto(request, model_id)
         stream = request.stream if request.HasField("stream") else True
         deltas_only = request.chunk if request.HasField("chunk") else True
@@ -48,6 +51,9 @@ class GlmService(pb_grpc.GlmServiceServicer):
                 text += event.text
                 if event.finish_reason is None and not event.text:
                     continue
+                call.note_first_token()
+                if event.usage is not None:
+                    call.note_usage(event.usage.prompt_tokens, event.usage.completion_tokens)
                 if not stream:
                     if event.finish_reason is not None and event.usage is not None:
                         yield convert.chat_completion(
@@ -73,10 +79,13 @@ class GlmService(pb_grpc.GlmServiceServicer):
     async def embed(self, request: pb.EmbedRequest) -> pb.EmbedResponse:
         """The vectors of request.prompt, in order."""
         model_id, batcher, model = self._registry.embedder(request.model)
+        call = current_call()
+        call.note_model(model_id)
         texts = convert.embed_texts_from_proto(
             request, self._registry.spec(model_id).max_batch_prompts
         )
         vectors, tokens = await batcher.embed(texts)
+        call.note_usage(tokens)
         if request.normalize:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
             vectors = vectors / np.maximum(norms, 1e-12)
@@ -92,6 +101,7 @@ class GlmService(pb_grpc.GlmServiceServicer):
         """The tokens of request.prompt under a model's tokenizer."""
         max_tokens = convert.tokenize_max_tokens(request)
         model_id, model = self._registry.any_model(request.model)
+        current_call().note_model(model_id)
         result = await asyncio.to_thread(model.tokenize, request.prompt, max_tokens)
         return pb.TokenizeResponse(
             token_ids=result.token_ids,

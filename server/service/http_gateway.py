@@ -21,6 +21,7 @@ from google.api.httpbody_pb2 import HttpBody
 from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import http_gateway_pb2_grpc as gw_grpc
 from server.errors import GlmError, InternalError, InvalidArgumentError
+from server.metrics import current_call
 from server.service.glm_service import GlmService
 from server.service.json_api import openai, seed
 from server.service.json_api.common import (
@@ -48,6 +49,12 @@ def _internal(exc: BaseException, route: str) -> InternalError:
     return InternalError(f"internal error {incident}; the server log has the details")
 
 
+def _failed(error: GlmError) -> GlmError:
+    """Record the status of an error answered in the response (the gRPC call itself ends OK)."""
+    current_call().note_status(error.grpc_status)
+    return error
+
+
 class HttpGatewayService(gw_grpc.HttpGatewayServiceServicer):
     """The seed's routes and OpenAI's routes over one GlmService."""
 
@@ -67,9 +74,9 @@ class HttpGatewayService(gw_grpc.HttpGatewayServiceServicer):
         try:
             reply = await work()
         except GlmError as exc:
-            reply = error_reply(exc)
+            reply = error_reply(_failed(exc))
         except Exception as exc:
-            reply = error_reply(_internal(exc, route))
+            reply = error_reply(_failed(_internal(exc, route)))
         return await self._send(context, reply)
 
     async def _chat(
@@ -94,22 +101,23 @@ class HttpGatewayService(gw_grpc.HttpGatewayServiceServicer):
             await context.send_initial_metadata(((STATUS_HEADER, "200"),))
             yield HttpBody(content_type=EVENT_STREAM, data=b"".join(chunk(first)))
         except StopAsyncIteration:
-            yield await self._send(context, error_reply(_internal(RuntimeError("empty"), route)))
+            error = _failed(_internal(RuntimeError("empty"), route))
+            yield await self._send(context, error_reply(error))
             return
         except GlmError as exc:
-            yield await self._send(context, error_reply(exc))
+            yield await self._send(context, error_reply(_failed(exc)))
             return
         except Exception as exc:
-            yield await self._send(context, error_reply(_internal(exc, route)))
+            yield await self._send(context, error_reply(_failed(_internal(exc, route))))
             return
         try:
             async for response in responses:
                 yield HttpBody(content_type=EVENT_STREAM, data=b"".join(chunk(response)))
             yield HttpBody(content_type=EVENT_STREAM, data=SSE_DONE)
         except GlmError as exc:
-            yield HttpBody(content_type=EVENT_STREAM, data=sse_event(error_object(exc)))
+            yield HttpBody(content_type=EVENT_STREAM, data=sse_event(error_object(_failed(exc))))
         except Exception as exc:
-            error = _internal(exc, route)
+            error = _failed(_internal(exc, route))
             yield HttpBody(content_type=EVENT_STREAM, data=sse_event(error_object(error)))
         finally:
             await responses.aclose()

@@ -2,12 +2,14 @@
 
 A server.errors exception becomes its status with its message. Anything else is a bug: it is
 logged with its traceback and the client gets INTERNAL with an id to find it in the log.
+Every call also gets one log line (request id, model, tokens in and out, duration, status) and,
+when the server has metrics, its count and duration (server/metrics.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from server.errors import GlmError
+from server.metrics import CallRecord, Metrics, open_call
 
 log = logging.getLogger("server.requests")
 
@@ -38,15 +41,56 @@ async def _abort_for(
     )
 
 
-def _log_call(method: str, started: float, status: str) -> None:
-    """One line per call: method, status and duration (fields for the JSON log format too)."""
-    duration_ms = round((time.monotonic() - started) * 1000, 2)
+# The request id a client (or Envoy, which adds one to every request) may send: the call's log line
+# carries it, so that a request can be followed across proxies; without one, one is made up.
+REQUEST_ID_HEADER = "x-request-id"
+# What a request id from the outside may look like: it goes into log lines as is.
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    """The caller's x-request-id, if it sent a well-formed one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str):
+            return value if _SAFE_REQUEST_ID.fullmatch(value) else None
+    return None
+
+
+def _aborted_status(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The status a handler aborted its call with (context.abort)."""
+    code: Any = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    for known in grpc.StatusCode:  # grpc.aio may hand back the bare number
+        if known.value[0] == code:
+            return known.name
+    return grpc.StatusCode.UNKNOWN.name
+
+
+def _log_call(call: CallRecord, status: str, ended: float) -> None:
+    """One line per call: what, how it ended, how long, for whom (fields for JSON logs too)."""
+    duration_ms = round((ended - call.started) * 1000, 2)
+    fields: dict[str, object] = {
+        "rpc": call.rpc,
+        "status": status,
+        "duration_ms": duration_ms,
+        "request_id": call.request_id,
+        "model": call.model or None,
+        "tokens_in": call.tokens_in,
+        "tokens_out": call.tokens_out,
+    }
+    if call.first_token_at is not None:
+        fields["ttft_ms"] = round((call.first_token_at - call.started) * 1000, 2)
     log.info(
-        "%s %s %.1f ms",
-        method,
+        "%s %s %.1f ms id=%s model=%s tokens_in=%s tokens_out=%s",
+        call.rpc,
         status,
         duration_ms,
-        extra={"rpc": method, "status": status, "duration_ms": duration_ms},
+        call.request_id,
+        call.model or "-",
+        "-" if call.tokens_in is None else call.tokens_in,
+        "-" if call.tokens_out is None else call.tokens_out,
+        extra=fields,
     )
 
 
@@ -57,7 +101,23 @@ else:  # grpc's runtime class is not generic; only its type stubs are
 
 
 class ErrorInterceptor(_Interceptor):
-    """Maps exceptions escaping unary and server-streaming handlers to statuses, and logs calls."""
+    """Around unary and server-streaming glm.* handlers: errors become statuses, calls are logged.
+
+    Each call gets a CallRecord (server/metrics.py) as its `current_call()`, which the service
+    fills in (model, tokens, first token). When the call ends, however it ends, the record gives
+    one log line and, with `metrics`, the RPC metrics.
+    """
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics
+
+    def _finish(self, call: CallRecord, status: str) -> None:
+        ended = time.monotonic()
+        # A handler that answered an error itself (the JSON gateway) recorded the real status.
+        status = call.status or status
+        _log_call(call, status, ended)
+        if self._metrics is not None:
+            self._metrics.observe_call(call, status, ended)
 
     async def intercept_service(
         self,
@@ -70,6 +130,7 @@ class ErrorInterceptor(_Interceptor):
         method = handler_call_details.method
         if handler is None or not method.startswith("/glm."):
             return handler
+        rpc = method.lstrip("/")
         if handler.unary_unary is not None:
             # grpc-stubs types handler behaviours as synchronous; under grpc.aio they are async.
             unary: Any = handler.unary_unary
@@ -77,20 +138,23 @@ class ErrorInterceptor(_Interceptor):
             async def unary_wrapper(
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> Any:
-                started = time.monotonic()
+                call = open_call(rpc, _request_id(context))
+                # Whatever ends the call without passing one of the lines below (the task
+                # cancelled: client gone, deadline, shutdown) is a cancellation.
+                status = grpc.StatusCode.CANCELLED.name
                 try:
                     response = await unary(request, context)
+                    status = "OK"
+                    return response
                 except grpc.aio.AbortError:
-                    raise
-                except asyncio.CancelledError:
-                    _log_call(method, started, grpc.StatusCode.CANCELLED.name)
+                    status = _aborted_status(context)
                     raise
                 except Exception as exc:
-                    _log_call(method, started, _status_name(exc))
+                    status = _status_name(exc)
                     await _abort_for(exc, context, method)
                     raise
-                _log_call(method, started, "OK")
-                return response
+                finally:
+                    self._finish(call, status)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_wrapper,
@@ -103,20 +167,22 @@ class ErrorInterceptor(_Interceptor):
             async def stream_wrapper(
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
-                started = time.monotonic()
+                call = open_call(rpc, _request_id(context))
+                # As above; a stream can also end by being closed at a yield (GeneratorExit).
+                status = grpc.StatusCode.CANCELLED.name
                 try:
                     async for response in streaming(request, context):
                         yield response
+                    status = "OK"
                 except grpc.aio.AbortError:
-                    raise
-                except asyncio.CancelledError:
-                    _log_call(method, started, grpc.StatusCode.CANCELLED.name)
+                    status = _aborted_status(context)
                     raise
                 except Exception as exc:
-                    _log_call(method, started, _status_name(exc))
+                    status = _status_name(exc)
                     await _abort_for(exc, context, method)
                     raise
-                _log_call(method, started, "OK")
+                finally:
+                    self._finish(call, status)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream_wrapper,

@@ -1,0 +1,102 @@
+"""The model side of continuous batching: sequences in slots, extended by prefill and decode steps.
+
+The scheduler (server/engine/scheduler.py) decides what runs when; a `SequenceBatch` runs it. Two
+implementations:
+
+- `SlotBatch` (server/engine/kv_slots.py), for every model whose `ChatModel.causal_lm` is a
+  transformers causal LM: one forward pass decodes every running sequence.
+- `ForwardLoopBatch` (here), for any other `ChatModel`: each sequence keeps the cache `forward`
+  returns and a decode step calls `forward` once per sequence. Correct but unbatched; it keeps
+  models that expose no `causal_lm` working under the same scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from server.models.base import ChatModel, KVCache
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ForwardLoopBatch", "SequenceBatch", "open_batch"]
+
+
+class SequenceBatch(ABC):
+    """Key/value memory for up to `max_sequences` sequences, each in a slot 0..max_sequences-1.
+
+    All methods are called from the scheduler thread only. Slot numbers are chosen by the caller
+    (the lowest free one, so that the occupied slots stay dense); a slot's sequence grows by
+    `prefill` and `decode` and is forgotten by `release`.
+    """
+
+    def __init__(self, max_sequences: int) -> None:
+        self.max_sequences = max_sequences
+        # Forward passes run so far: how the tests and metrics see that the batch is shared.
+        self.forward_passes = 0
+
+    @abstractmethod
+    def prefill(self, slot: int, token_ids: Sequence[int]) -> torch.Tensor:
+        """Append `token_ids` to the sequence in `slot` (empty: a new one) in one forward pass.
+
+        Returns the float32 logits of the token after the last one (1-D, vocabulary-sized).
+        """
+
+    @abstractmethod
+    def decode(self, tokens: Mapping[int, int]) -> Mapping[int, torch.Tensor]:
+        """Append one token to each listed slot ({slot: token}); return each slot's next logits."""
+
+    @abstractmethod
+    def release(self, slot: int) -> None:
+        """Forget the sequence in `slot` and give back the memory it no longer needs."""
+
+    @property
+    def decode_rows(self) -> int:
+        """Rows the last `decode` computed, padding included (the batch size of that pass)."""
+        return 0
+
+
+class ForwardLoopBatch(SequenceBatch):
+    """Any ChatModel, through `forward`: one pass per sequence per step, no shared batch."""
+
+    def __init__(self, model: ChatModel, max_sequences: int) -> None:
+        super().__init__(max_sequences)
+        self._model = model
+        self._caches: dict[int, KVCache | None] = {}
+        self._rows = 0
+
+    def prefill(self, slot: int, token_ids: Sequence[int]) -> torch.Tensor:
+        logits, self._caches[slot] = self._model.forward(token_ids, self._caches.get(slot))
+        self.forward_passes += 1
+        return logits
+
+    def decode(self, tokens: Mapping[int, int]) -> Mapping[int, torch.Tensor]:
+        out: dict[int, torch.Tensor] = {}
+        for slot, token in tokens.items():
+            out[slot], self._caches[slot] = self._model.forward([token], self._caches[slot])
+            self.forward_passes += 1
+        self._rows = len(tokens)  # one-row passes, one per sequence
+        return out
+
+    def release(self, slot: int) -> None:
+        self._caches.pop(slot, None)
+
+    @property
+    def decode_rows(self) -> int:
+        return self._rows
+
+
+def open_batch(model: ChatModel, max_sequences: int) -> SequenceBatch:
+    """The best `SequenceBatch` for `model`: batched when its causal LM supports it."""
+    causal_lm = model.causal_lm
+    if causal_lm is not None:
+        from server.engine.kv_slots import SlotBatch, unsupported_reason
+
+        reason = unsupported_reason(causal_lm)
+        if reason is None:
+            return SlotBatch(causal_lm, model.device, max_sequences)
+        log.warning("chat model decodes one sequence per forward pass: %s", reason)
+    return ForwardLoopBatch(model, max_sequences)

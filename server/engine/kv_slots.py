@@ -1,0 +1,413 @@
+"""Key/value slots: sequences of different lengths decoded together by a transformers causal LM.
+
+Layout. Each attention layer keeps one key and one value tensor of shape (rows, kv_heads, length,
+head_dim). A sequence owns one row, its *slot*, for its whole life, and the keys and values of its
+token at position p live at [slot, :, p]. A decode pass feeds one token for each row 0..P-1 and
+attends over the first `kv_len` positions of those rows; a prefill pass feeds a chunk of one
+sequence's prompt in its own row. The caller's 4-D additive attention mask says, per row, which
+positions hold that row's tokens (transformers models use a caller's 4-D mask as it is), and the
+position ids say where each new token is, so rows of different lengths need no shifting.
+
+Why not `DynamicCache` with left padding: it cannot take a new sequence into a running batch or
+drop one without rebuilding every layer's tensors, and shifting a sequence changes the attention's
+summation order, hence its greedy output. Why not transformers' own continuous batching
+(transformers.generation.continuous_batching, with its paged cache): it packs every step's tokens,
+prefill chunks and decode tokens alike, into one ragged row whose shape depends on the load, and
+it samples with one shared random generator and only per-request temperature/top-k/top-p;
+per-request seeds, repetition penalties, stop strings and load-independent greedy output would all
+have to be rebuilt around it. What is reused here: transformers' `Cache` interface (the models
+call `cache.update` per layer), its 4-D mask passthrough, its attention-function registry, and
+SDPA attention for prefill passes.
+
+Batch invariance: a request's greedy output must not depend on what else runs, so every
+computation a row goes through gives bit-identical results whatever the other rows are:
+- Linear layers: a BLAS may take another code path for a few rows than for many (MKL on this CPU:
+  1 row, 2-3 rows, 5-7 and 9-11 rows each differ in the last bits from 4, 8 or 12+ rows), so a
+  decode pass pads its rows up to a count whose rows come out as in a large batch
+  (`row_buckets`, measured on the model's own weights when the batch is opened).
+- Attention: PyTorch's fused CPU attention gives a row different last bits depending on the batch
+  size and on the thread that computes it, so decode passes use `_attention` (plain matrix
+  products and a softmax, per row and head); keys are padded with masked positions up to a
+  multiple of KV_BLOCK, so other rows' lengths only add exact zeros to a row's sums.
+- Prefill passes run one sequence alone, in chunks whose boundaries depend only on that prompt
+  (server/engine/scheduler.py), so they are computed the same way whatever else runs.
+A seeded sampled request is reproducible in a batch for the same reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from server.engine.batching import SequenceBatch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["KV_BLOCK", "KVSlotCache", "SlotBatch", "row_buckets", "unsupported_reason"]
+
+# Keys are attended over in multiples of this many positions (see "Batch invariance" above).
+KV_BLOCK = 64
+# Memory grows by whole multiples of this many positions, so that it is rarely reallocated.
+_GROW = 256
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+@dataclass(slots=True)
+class _Plan:
+    """Where the next forward pass reads and writes: rows [first, first + rows)."""
+
+    first: int
+    rows: int
+    # (rows, q): the position of each new token; writes go to [first + r, :, positions[r, i]].
+    positions: torch.Tensor
+    # How many positions of each row the attention reads (a multiple of KV_BLOCK).
+    kv_len: int
+    # The index tensors on each device that holds layers (several GPUs: several devices).
+    _on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, 1) row numbers and (rows, q) positions on `device`, for advanced indexing."""
+        found = self._on.get(device)
+        if found is None:
+            rows = torch.arange(self.first, self.first + self.rows, device=device).unsqueeze(1)
+            found = self._on[device] = (rows, self.positions.to(device))
+        return found
+
+
+# The attention implementation SlotBatch gives the model: SDPA, except in decode passes.
+ATTENTION = "kv_slots_sdpa"
+
+
+def _attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention with results that do not depend on the batch, for decode passes.
+
+    PyTorch's fused CPU attention gives a row slightly different results depending on the batch
+    size and on which thread computes it, so decode passes (`kv_slots_decode=True`, passed through
+    the model's keyword arguments) use plain matrix products and a softmax instead; every other
+    call goes to transformers' SDPA attention unchanged.
+    """
+    if not kwargs.pop("kv_slots_decode", False):
+        return sdpa_attention_forward(  # type: ignore[no-any-return]
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    assert attention_mask is not None
+    batch, heads, q_len, dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    scale = dim**-0.5 if scaling is None else scaling
+    # Query heads that share a key/value head (grouped-query attention) are stacked on the query
+    # axis, so the keys and values are read as they are rather than repeated for every head.
+    grouped = query.reshape(batch, kv_heads, group * q_len, dim)
+    scores = torch.matmul(grouped, key.transpose(2, 3)) * scale
+    # mask (batch, 1, q, kv) -> (batch, 1, 1, q, kv) against scores (batch, kv_heads, group, q, kv).
+    scores = scores.view(batch, kv_heads, group, q_len, kv_len) + attention_mask.unsqueeze(2)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    out = torch.matmul(probs.view(batch, kv_heads, group * q_len, kv_len), value)
+    # (batch, heads, q, dim) -> (batch, q, heads, dim), the layout attention functions return.
+    return out.view(batch, heads, q_len, -1).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, _attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+class _SlotLayer(CacheLayerMixin):  # type: ignore[misc]  # transformers is untyped here
+    """One attention layer's keys and values for every slot."""
+
+    is_sliding = False
+
+    def __init__(self, owner: KVSlotCache) -> None:
+        super().__init__()
+        self._owner = owner
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        rows, length = self._owner.capacity
+        heads = key_states.shape[1]
+        self.device = key_states.device
+        # Zeros, not empty memory: a masked position gets weight exactly 0, and 0 * NaN would not
+        # be 0. Positions that held an earlier sequence keep finite values, which is as good.
+        self.keys = key_states.new_zeros((rows, heads, length, key_states.shape[-1]))
+        self.values = value_states.new_zeros((rows, heads, length, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        plan = self._owner.plan
+        rows, positions = plan.indices(self.keys.device)
+        # Indexed by (rows, 1) and (rows, q) around a slice, the target is (rows, q, heads, dim).
+        self.keys[rows, :, positions] = key_states.transpose(1, 2)
+        self.values[rows, :, positions] = value_states.transpose(1, 2)
+        # Views, not copies: the rows of a pass are always one contiguous range.
+        end = plan.first + plan.rows
+        return (
+            self.keys[plan.first : end, :, : plan.kv_len],
+            self.values[plan.first : end, :, : plan.kv_len],
+        )
+
+    def resize(self, rows: int, length: int) -> None:
+        """Reallocate to (rows, length), keeping what fits."""
+        if not self.is_initialized:
+            return
+        keep_rows, keep_len = min(rows, self.keys.shape[0]), min(length, self.keys.shape[2])
+        for name in ("keys", "values"):
+            old: torch.Tensor = getattr(self, name)
+            new = old.new_zeros((rows, old.shape[1], length, old.shape[3]))
+            new[:keep_rows, :, :keep_len] = old[:keep_rows, :, :keep_len]
+            setattr(self, name, new)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._owner.plan.kv_len, 0
+
+    def get_seq_length(self) -> int:
+        return self._owner.plan.kv_len
+
+    def get_max_length(self) -> int:
+        return self._owner.capacity[1]
+
+
+class KVSlotCache(Cache):  # type: ignore[misc]  # transformers is untyped here
+    """A transformers `Cache` whose rows are independent sequences at their own positions.
+
+    Set `plan` before each forward pass. Memory is allocated on the first pass (on each layer's
+    device), grown by `reserve` and given back by `shrink` and `clear`.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
+        self.capacity = (0, 0)
+        self.plan = _Plan(0, 0, torch.zeros(0, 0, dtype=torch.long), 0)
+
+    def _layers(self) -> Iterator[_SlotLayer]:
+        for layer in self.layers:
+            assert isinstance(layer, _SlotLayer)
+            yield layer
+
+    def reserve(self, rows: int, length: int) -> None:
+        """Make room for `rows` rows of `length` positions (grows, never shrinks)."""
+        have_rows, have_len = self.capacity
+        if rows <= have_rows and length <= have_len:
+            return
+        self._resize(max(rows, have_rows), max(_round_up(length, _GROW), have_len))
+
+    def shrink(self, rows: int, length: int) -> None:
+        """Give memory back when less than half of it is still needed."""
+        have_rows, have_len = self.capacity
+        length = _round_up(max(length, 1), _GROW)
+        if rows * length * 2 <= have_rows * have_len:
+            self._resize(rows, length)
+
+    def clear(self) -> None:
+        """Drop all memory (no sequence is left)."""
+        for layer in self._layers():
+            layer.keys = layer.values = None  # type: ignore[assignment]
+            layer.is_initialized = False
+        self.capacity = (0, 0)
+
+    def _resize(self, rows: int, length: int) -> None:
+        for layer in self._layers():
+            layer.resize(rows, length)
+        self.capacity = (rows, length)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by keys and values."""
+        return sum(
+            layer.keys.nbytes + layer.values.nbytes
+            for layer in self._layers()
+            if layer.is_initialized
+        )
+
+
+def unsupported_reason(causal_lm: Any) -> str | None:
+    """Why `causal_lm` cannot be decoded in slots, or None when it can."""
+    config = getattr(causal_lm, "config", None)
+    if config is None or not callable(causal_lm):
+        return f"{type(causal_lm).__name__} is not a transformers model"
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder models are not supported"
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in ("sdpa", "eager", ATTENTION):
+        # Flash and paged kernels take no 4-D mask.
+        return f"attention implementation {implementation!r} takes no 4-D attention mask"
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is not None:
+        other = sorted({t for t in layer_types if t != "full_attention"})
+        if other:
+            # A 4-D mask would be used as is for sliding-window layers too, and linear-attention
+            # layers keep state that slots do not hold.
+            return f"layer types {other} are not supported"
+    elif getattr(text, "sliding_window", None) is not None:
+        return "sliding-window attention is not supported"
+    return None
+
+
+def row_buckets(causal_lm: torch.nn.Module, max_rows: int) -> list[int]:
+    """buckets[n]: how many rows a decode pass of n sequences runs with (n <= buckets[n]).
+
+    A row count qualifies when every linear layer of the model gives each row bit for bit what it
+    gives that row in a large batch, wherever the row sits. Measured, not assumed: it depends on
+    the BLAS, the CPU and the thread count. Where no count qualifies, n itself is used (greedy
+    output may then differ from a lone run in rare near-ties).
+    """
+    layers: dict[tuple[Any, ...], torch.nn.Linear] = {}
+    for module in causal_lm.modules():
+        if isinstance(module, torch.nn.Linear):
+            weight = module.weight
+            key = (tuple(weight.shape), weight.dtype, weight.device, module.bias is not None)
+            layers.setdefault(key, module)
+    limit = max(2 * max_rows, 16)
+    generator = torch.Generator().manual_seed(0)
+    probes = []
+    with torch.inference_mode():
+        for module in layers.values():
+            x = torch.randn(limit, module.in_features, generator=generator)
+            x = x.to(module.weight.device, module.weight.dtype)
+            probes.append((module, x, module(x)))
+        good: list[int] = []
+        for m in range(1, limit + 1):
+            if all(
+                torch.equal(module(x[:m]), full[:m])
+                and torch.equal(module(x[:m].flip(0)), full[:m].flip(0))
+                for module, x, full in probes
+            ):
+                good.append(m)
+                if m >= max_rows:
+                    break
+    buckets = [0] + [next((m for m in good if m >= n), n) for n in range(1, max_rows + 1)]
+    if not good or good[-1] < max_rows:
+        log.warning(
+            "no batch size up to %d gives batch-invariant linear layers on this machine; greedy "
+            "output may differ in rare near-ties between a lone and a batched run",
+            limit,
+        )
+    log.debug("decode row buckets: %s", buckets[1:])
+    return buckets
+
+
+class SlotBatch(SequenceBatch):
+    """Sequences in the slots of a `KVSlotCache`, advanced by batched forward passes."""
+
+    def __init__(self, causal_lm: Any, device: torch.device, max_sequences: int) -> None:
+        super().__init__(max_sequences)
+        self._lm = causal_lm
+        self._device = device
+        config = causal_lm.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self._dtype: torch.dtype = causal_lm.dtype
+        if config._attn_implementation == "sdpa":
+            # Eager attention is batch-invariant as it is; SDPA is swapped for `_attention`, which
+            # is SDPA except in decode passes. The model's other users see no difference.
+            causal_lm.set_attn_implementation(ATTENTION)
+            if config._attn_implementation != ATTENTION:
+                log.warning(
+                    "%s keeps SDPA attention in decode passes; greedy output may differ in rare "
+                    "near-ties between a lone and a batched run",
+                    type(causal_lm).__name__,
+                )
+        self._cache = KVSlotCache(int(text.num_hidden_layers))
+        self._buckets = row_buckets(causal_lm, max_sequences)
+        # Tokens held by each row; rows past max_sequences only ever pad a pass.
+        self._lengths = [0] * max(self._buckets[-1], max_sequences)
+        self._rows = 0
+
+    @property
+    def decode_rows(self) -> int:
+        return self._rows
+
+    @property
+    def cache(self) -> KVSlotCache:
+        """The key/value memory (for tests and metrics)."""
+        return self._cache
+
+    def _mask(self, visible: torch.Tensor) -> torch.Tensor:
+        """The additive mask SDPA and eager attention both take: 0 where visible, else -max."""
+        mask = torch.zeros(visible.shape, dtype=self._dtype, device=self._device)
+        return mask.masked_fill_(~visible, torch.finfo(self._dtype).min)
+
+    def _run(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, *, decode: bool
+    ) -> torch.Tensor:
+        out = self._lm(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=self._cache,
+            use_cache=True,
+            logits_to_keep=1,  # only the last position's logits are ever sampled
+            kv_slots_decode=decode,
+        )
+        self.forward_passes += 1
+        logits: torch.Tensor = out.logits[:, -1]
+        # Spread over several GPUs, the logits come out on the last one.
+        return logits.to(self._device, torch.float32)
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, token_ids: Sequence[int]) -> torch.Tensor:
+        start = self._lengths[slot]
+        end = start + len(token_ids)
+        kv_len = _round_up(end, KV_BLOCK)
+        self._cache.reserve(slot + 1, kv_len)
+        positions = torch.arange(start, end, device=self._device).unsqueeze(0)
+        keys = torch.arange(kv_len, device=self._device)
+        # Causal within the chunk, and everything before it: query i sees keys 0..start+i.
+        visible = keys.unsqueeze(0) <= positions[0].unsqueeze(1)
+        self._cache.plan = _Plan(slot, 1, positions, kv_len)
+        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self._device)
+        logits = self._run(ids, self._mask(visible)[None, None], positions, decode=False)
+        self._lengths[slot] = end
+        return logits[0]
+
+    @torch.inference_mode()
+    def decode(self, tokens: Mapping[int, int]) -> Mapping[int, torch.Tensor]:
+        if not tokens:
+            return {}
+        rows = self._buckets[max(tokens) + 1]
+        # Rows without a token (free, or still in prefill) are padding: they write one scratch
+        # position at their sequence's end, which that sequence overwrites before it reads it,
+        # and they attend to that position only.
+        lengths = self._lengths[:rows]
+        kv_len = _round_up(max(lengths) + 1, KV_BLOCK)
+        self._cache.reserve(rows, kv_len)
+        positions = torch.tensor(lengths, dtype=torch.long, device=self._device).unsqueeze(1)
+        real = torch.tensor([r in tokens for r in range(rows)], device=self._device).unsqueeze(1)
+        keys = torch.arange(kv_len, device=self._device).unsqueeze(0)
+        visible = (keys <= positions) & (real | (keys == positions))
+        self._cache.plan = _Plan(0, rows, positions, kv_len)
+        ids = torch.tensor([[tokens.get(r, 0)] for r in range(rows)], device=self._device)
+        logits = self._run(ids, self._mask(visible)[:, None, None, :], positions, decode=True)
+        self._rows = rows
+        for slot in tokens:
+            self._lengths[slot] += 1
+        return {slot: logits[slot] for slot in tokens}
+
+    def release(self, slot: int) -> None:
+        self._lengths[slot] = 0
+        used = [i for i, n in enumerate(self._lengths) if n]
+        if not used:
+            self._cache.clear()
+            return
+        self._cache.shrink(self._buckets[max(used) + 1], _round_up(max(self._lengths), KV_BLOCK))

@@ -1,0 +1,414 @@
+"""The continuous-batching scheduler: one thread per chat model runs the steps of every sequence.
+
+One iteration of the loop is one *step*:
+
+1. Admit: requests handed over by the engine (each already holds one of the `max_concurrent`
+   places) take the lowest free slot; one cancelled meanwhile is dropped without starting.
+2. Reap: cancelled sequences leave, freeing their slot and its cache memory at once.
+3. Decode: ONE forward pass feeds every decoding sequence its last token; each sequence picks its
+   next token from its own row of logits with its own sampler, stops and detokenizer.
+4. Prefill: prompts of newly admitted sequences are fed in chunks, each chunk a forward pass of
+   that sequence alone. A step's token budget (`max_batch_tokens`) is shared: the decode pass
+   takes one token per running sequence, prompt chunks take the rest, and at least one chunk runs
+   per step. Chunk boundaries are fixed multiples of `max_batch_tokens - max_concurrent` from the
+   prompt's start, whatever else runs, so a prompt is always computed the same way (greedy output
+   does not depend on the load) and a long prompt never holds the running sequences up for more
+   than one chunk per step. A sequence whose prompt is complete picks its first token from the
+   last chunk's logits, so its first text goes out in the step that finished its prompt; it joins
+   the decode pass from the next step on.
+
+The loop sleeps while there is nothing to do. Events for the consumers are handed to their event
+loops once per step, in one call per loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from server.domain import ChatRequest, FinishReason, GenerationEvent, Usage
+from server.engine.batching import SequenceBatch, open_batch
+from server.engine.detokenize import IncrementalDetokenizer
+from server.engine.sampling import TokenSampler
+from server.engine.stops import StopStringMatcher
+from server.errors import UnavailableError
+from server.models.base import ChatModel
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Job", "Scheduler", "SchedulerCounters", "StepObserver"]
+
+# What a consumer receives: events, or an exception that ends its stream.
+Item = GenerationEvent | BaseException
+# Reports one forward pass: (phase "prefill" or "decode", sequences, tokens, padded tokens, s).
+StepObserver = Callable[[str, int, int, int, float], None]
+
+
+@dataclass(slots=True)
+class Job:
+    """One request's generation, shared by its consumer (event loop) and the scheduler thread."""
+
+    request: ChatRequest
+    prompt_ids: list[int]
+    max_new_tokens: int
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Item]
+    # Called on the job's event loop once the job holds no slot any more (exactly once).
+    on_done: Callable[[], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerCounters:
+    """What the scheduler has done since it started (for tests and metrics)."""
+
+    forward_passes: int
+    decode_passes: int
+    # Sequence-tokens decoded (the sum of the real rows of all decode passes).
+    decode_tokens: int
+    # Rows computed by decode passes, padding rows included.
+    decode_rows: int
+    prefill_passes: int
+    prefill_tokens: int
+
+
+class _Sequence:
+    """A job in a slot: its prompt progress, sampler, detokenizer, stops and output so far."""
+
+    def __init__(self, job: Job, slot: int, model: ChatModel) -> None:
+        self.job = job
+        self.slot = slot
+        params = job.request.sampling
+        self.sampler = TokenSampler(params, model.device)
+        self.detok = IncrementalDetokenizer(model.decoder, job.prompt_ids)
+        self.stops = StopStringMatcher(params.stop)
+        self.stop_ids = model.stop_token_ids | frozenset(params.stop_token_ids)
+        n_prompt = len(job.prompt_ids)
+        # Prompt and generated ids, for the repetition penalty; preallocated, read as a prefix.
+        self.history = torch.empty(n_prompt + job.max_new_tokens, dtype=torch.long)
+        self.history[:n_prompt] = torch.tensor(job.prompt_ids, dtype=torch.long)
+        self.length = n_prompt
+        self.prefilled = 0
+        self.generated = 0
+        # The token the next decode pass feeds (None while the prompt is being fed).
+        self.next_token: int | None = None
+
+    @property
+    def prompt_left(self) -> int:
+        return len(self.job.prompt_ids) - self.prefilled
+
+    def accept(self, logits: torch.Tensor) -> tuple[str, FinishReason | None]:
+        """Pick the next token from `logits`; return the text it releases and why it ended."""
+        token = self.sampler(self.history[: self.length], logits)
+        self.generated += 1
+        if token in self.stop_ids:
+            return "", FinishReason.STOP
+        text, stopped = self.stops.feed(self.detok.push(token))
+        if stopped:
+            return text, FinishReason.STOP
+        if self.generated >= self.job.max_new_tokens:
+            return text, FinishReason.LENGTH
+        self.history[self.length] = token
+        self.length += 1
+        self.next_token = token
+        return text, None
+
+    def final_event(self, text: str, finish: FinishReason) -> GenerationEvent:
+        """The last event: remaining text, finish reason and usage."""
+        if not self.stops.stopped:
+            # Text held back for an incomplete character or a possible stop string is released
+            # now, unless it completes a stop string.
+            tail, stopped = self.stops.feed(self.detok.flush())
+            if stopped:
+                finish = FinishReason.STOP
+                text += tail
+            else:
+                text += tail + self.stops.flush()
+        usage = Usage(prompt_tokens=len(self.job.prompt_ids), completion_tokens=self.generated)
+        return GenerationEvent(text, finish_reason=finish, usage=usage)
+
+
+class Scheduler:
+    """Runs the chat sequences of one model on a thread of its own (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: ChatModel,
+        *,
+        max_concurrent: int,
+        max_batch_tokens: int,
+        observer: StepObserver | None = None,
+    ) -> None:
+        if max_batch_tokens <= max_concurrent:
+            raise ValueError(
+                f"max_batch_tokens ({max_batch_tokens}) must be larger than max_concurrent "
+                f"({max_concurrent}): a step holds one token per running sequence plus a chunk "
+                "of a prompt"
+            )
+        self._model = model
+        self._max_concurrent = max_concurrent
+        self._max_batch_tokens = max_batch_tokens
+        self._chunk = max_batch_tokens - max_concurrent
+        self._observer = observer
+        self._cond = threading.Condition()
+        self._inbox: deque[Job] = deque()
+        self._stopping = False
+        # Why the thread ended, for requests submitted after that (None: still running).
+        self._ended: BaseException | None = None
+        # Owned by the scheduler thread.
+        self._batch: SequenceBatch | None = None
+        self._slots: list[_Sequence | None] = [None] * max_concurrent
+        self._prefilling: deque[_Sequence] = deque()
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Job, Item | None]]] = {}
+        self._counts = dict.fromkeys(
+            (
+                "decode_passes",
+                "decode_tokens",
+                "decode_rows",
+                "prefill_passes",
+                "prefill_tokens",
+            ),
+            0,
+        )
+        self._thread = threading.Thread(
+            target=self._main, name=f"chat-scheduler-{id(self):x}", daemon=True
+        )
+        self._thread.start()
+
+    # -- the engine's side (any thread) ---------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Hand a job over; it starts at the next step (or fails at once after `stop`)."""
+        with self._cond:
+            if not self._stopping:
+                self._inbox.append(job)
+                self._cond.notify()
+                return
+        items: list[tuple[Job, Item | None]] = [(job, self._ended or _shutting_down()), (job, None)]
+        job.loop.call_soon_threadsafe(_deliver, items)
+
+    def stop(self) -> None:
+        """Stop after the current step; sequences still running fail with UNAVAILABLE."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the thread to end (after `stop`)."""
+        self._thread.join(timeout)
+
+    @property
+    def counters(self) -> SchedulerCounters:
+        """A snapshot of what the scheduler has done."""
+        batch = self._batch
+        return SchedulerCounters(
+            forward_passes=batch.forward_passes if batch is not None else 0, **self._counts
+        )
+
+    @property
+    def batch(self) -> SequenceBatch | None:
+        """The model side of the batch (None until the thread has opened it)."""
+        return self._batch
+
+    # -- the scheduler thread -------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            self._batch = open_batch(self._model, self._max_concurrent)
+        except BaseException as exc:
+            log.exception("the chat scheduler could not start")
+            self._fail_everything(exc)
+            return
+        try:
+            while self._wait_for_work():
+                self._step()
+                self._flush()
+        except BaseException as exc:  # a bug: fail every request rather than hang them all
+            log.exception("the chat scheduler failed")
+            self._fail_everything(exc)
+            return
+        self._fail_everything(_shutting_down())
+
+    def _wait_for_work(self) -> bool:
+        """Block until there is something to do; False once stopping."""
+        with self._cond:
+            while not self._stopping and not self._inbox and not self._busy():
+                self._cond.wait()
+            return not self._stopping
+
+    def _busy(self) -> bool:
+        return any(seq is not None for seq in self._slots)
+
+    def _step(self) -> None:
+        self._admit()
+        self._reap()
+        decoded = self._decode()
+        self._prefill(self._max_batch_tokens - decoded)
+
+    def _admit(self) -> None:
+        with self._cond:
+            jobs = list(self._inbox)
+            self._inbox.clear()
+        for job in jobs:
+            if job.cancelled.is_set():
+                self._post(job, None)  # never started: only the place is given back
+                continue
+            slot = self._slots.index(None)  # the engine admits at most max_concurrent jobs
+            seq = _Sequence(job, slot, self._model)
+            self._slots[slot] = seq
+            self._prefilling.append(seq)
+
+    def _reap(self) -> None:
+        for seq in self._slots:
+            if seq is not None and seq.job.cancelled.is_set():
+                self._leave(seq, None)
+
+    def _leave(self, seq: _Sequence, last: Item | None) -> None:
+        """Free the slot and memory of `seq`; send `last` (if any) and give its place back."""
+        self._slots[seq.slot] = None
+        if seq in self._prefilling:
+            self._prefilling.remove(seq)
+        assert self._batch is not None
+        self._batch.release(seq.slot)
+        self._post(seq.job, last)
+
+    def _decode(self) -> int:
+        """One forward pass for every decoding sequence; returns how many tokens it fed."""
+        decoding = [s for s in self._slots if s is not None and s.next_token is not None]
+        if not decoding:
+            return 0
+        batch = self._batch
+        assert batch is not None
+        tokens = {s.slot: s.next_token for s in decoding if s.next_token is not None}
+        started = time.perf_counter()
+        try:
+            logits = batch.decode(tokens)
+        except Exception as exc:
+            log.exception("a decode pass failed (%d sequences)", len(decoding))
+            for seq in decoding:
+                self._leave(seq, exc)
+            return len(decoding)
+        self._report("decode", len(decoding), batch.decode_rows, time.perf_counter() - started)
+        for seq in decoding:
+            self._advance(seq, logits[seq.slot])
+        self._flush()
+        return len(decoding)
+
+    def _prefill(self, budget: int) -> None:
+        """Feed prompt chunks within `budget` tokens (at least one chunk when any is waiting)."""
+        batch = self._batch
+        assert batch is not None
+        ran = False
+        while self._prefilling:
+            seq = self._prefilling[0]
+            if seq.job.cancelled.is_set():
+                self._leave(seq, None)
+                continue
+            # The chunk ends at the next multiple of `_chunk` (fixed boundaries, see above).
+            start = seq.prefilled
+            end = min(len(seq.job.prompt_ids), (start // self._chunk + 1) * self._chunk)
+            if ran and end - start > budget:
+                return
+            started = time.perf_counter()
+            try:
+                logits = batch.prefill(seq.slot, seq.job.prompt_ids[start:end])
+            except Exception as exc:
+                log.exception("a prefill pass failed")
+                self._leave(seq, exc)
+                continue
+            self._report("prefill", 1, end - start, time.perf_counter() - started)
+            ran = True
+            budget -= end - start
+            seq.prefilled = end
+            if seq.prompt_left == 0:
+                self._prefilling.popleft()
+                self._advance(seq, logits)
+                self._flush()  # the first text goes out now, not after the other prompts
+
+    def _advance(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """Let `seq` pick its next token; send its text; let it leave when it has ended."""
+        try:
+            text, finish = seq.accept(logits)
+        except Exception as exc:
+            log.exception("sampling failed")
+            self._leave(seq, exc)
+            return
+        if finish is not None:
+            self._leave(seq, seq.final_event(text, finish))
+        elif text:
+            self._post(seq.job, GenerationEvent(text))
+
+    def _report(self, phase: str, sequences: int, rows_or_tokens: int, seconds: float) -> None:
+        if phase == "decode":
+            self._counts["decode_passes"] += 1
+            self._counts["decode_tokens"] += sequences
+            self._counts["decode_rows"] += rows_or_tokens
+            tokens, padded = sequences, rows_or_tokens
+        else:
+            self._counts["prefill_passes"] += 1
+            self._counts["prefill_tokens"] += rows_or_tokens
+            tokens = padded = rows_or_tokens
+        if self._observer is not None:
+            try:
+                self._observer(phase, sequences, tokens, padded, seconds)
+            except Exception:
+                log.exception("the step observer failed")
+
+    # -- handing results to the event loops -----------------------------------------------------
+
+    def _post(self, job: Job, item: Item | None) -> None:
+        """Queue `item` for the job's consumer; None marks the job done (its place is returned).
+
+        A job is done when its last event or its error is posted, or when it leaves cancelled.
+        """
+        items = self._outbox.setdefault(job.loop, [])
+        if item is not None:
+            items.append((job, item))
+        if item is None or isinstance(item, BaseException) or item.finish_reason is not None:
+            items.append((job, None))
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            # A closed loop has nobody listening any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_deliver, items)
+
+    def _fail_everything(self, exc: BaseException) -> None:
+        """Fail every sequence and queued job with `exc` (the thread is ending)."""
+        self._ended = exc
+        for seq in self._slots:
+            if seq is not None:
+                self._slots[seq.slot] = None
+                if self._batch is not None:
+                    self._batch.release(seq.slot)
+                self._post(seq.job, exc)
+        self._prefilling.clear()
+        with self._cond:
+            self._stopping = True
+            jobs = list(self._inbox)
+            self._inbox.clear()
+        for job in jobs:
+            self._post(job, exc)
+        self._flush()
+
+
+def _shutting_down() -> UnavailableError:
+    return UnavailableError("the chat engine is shutting down; retry on another server")
+
+
+def _deliver(items: list[tuple[Job, Item | None]]) -> None:
+    """On the event loop: put items in their consumers' queues; None gives a job's place back."""
+    for job, item in items:
+        if item is None:
+            job.on_done()
+        else:
+            job.queue.put_nowait(item)

@@ -1,0 +1,412 @@
+"""Continuous batching of Chat: shared decode passes, batch-invariant greedy output, lifecycle.
+
+Two parts:
+- `SlotBatch` on tiny random Llama and GLM models: logits equal a plain full-sequence forward
+  (masks and positions are right for rows of different lengths), are bit-identical alone and in a
+  batch, and released slots give their memory back.
+- A real in-process server with the embedded SmolLM2 model (8 sequences at once, a small step
+  budget so that long prompts are fed in several chunks): greedy replies are the same alone and
+  batched, requests joining mid-generation change nothing, per-request parameters stay per
+  request, the batch is really shared, and cancellation, deadlines and backpressure behave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from glm.v1 import glm_service_pb2 as pb
+from glm.v1 import glm_service_pb2_grpc as pb_grpc
+from server.app import GlmApp
+from server.config import ConfigError, load_model_specs
+from server.domain import ModelKind
+from server.engine.chat import ChatEngine
+from server.engine.kv_slots import SlotBatch
+from server.settings import DEFAULT_CONFIG
+from tests.conftest import make_settings
+
+# -- SlotBatch on tiny models ---------------------------------------------------------------------
+
+
+def tiny_llama() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        attn_implementation="sdpa",
+    )
+    model: torch.nn.Module = LlamaForCausalLM(config).eval()
+    return model
+
+
+def tiny_glm() -> torch.nn.Module:
+    from transformers import GlmConfig, GlmForCausalLM
+
+    torch.manual_seed(0)
+    config = GlmConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        eos_token_id=1,
+        attn_implementation="sdpa",
+    )
+    model: torch.nn.Module = GlmForCausalLM(config).eval()
+    return model
+
+
+TINY_MODELS = {"llama": tiny_llama, "glm": tiny_glm}
+# Prompt lengths on both sides of the 64-position key blocks, and one fed in chunks.
+TINY_PROMPTS = {2: 5, 0: 37, 5: 70}
+
+
+def token_ids(length: int, shift: int) -> list[int]:
+    return [(7 * i + shift) % 97 for i in range(length)]
+
+
+@torch.inference_mode()
+def full_forward_logits(lm: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    """The next-token logits of `ids` from a plain forward pass, without any cache."""
+    out = lm(input_ids=torch.tensor([ids]), use_cache=False)
+    logits: torch.Tensor = out.logits[0, -1].float()
+    return logits
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_slots_match_a_plain_forward(name: str) -> None:
+    lm = TINY_MODELS[name]()
+    batch = SlotBatch(lm, torch.device("cpu"), max_sequences=6)
+    sequences: dict[int, list[int]] = {}
+    logits: dict[int, torch.Tensor] = {}
+    for slot, length in TINY_PROMPTS.items():
+        ids = token_ids(length, slot)
+        for start in range(0, length, 32):  # the 70-token prompt goes in three chunks
+            logits[slot] = batch.prefill(slot, ids[start : start + 32])
+        sequences[slot] = ids
+    for step in range(8):
+        for slot, ids in sequences.items():
+            expected = full_forward_logits(lm, ids)
+            torch.testing.assert_close(logits[slot], expected, atol=1e-4, rtol=1e-4)
+            ids.append(int(logits[slot].argmax()))
+        feed = {slot: ids[-1] for slot, ids in sequences.items()}
+        if step == 3:
+            # A sequence leaves mid-way and another joins in a free slot between the others.
+            batch.release(2)
+            del sequences[2], feed[2]
+            sequences[1] = token_ids(11, 1)
+            logits[1] = batch.prefill(1, sequences[1])
+        logits.update(batch.decode(feed))
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_slots_are_batch_invariant(name: str) -> None:
+    """A sequence's logits are bit-identical whatever else is in the batch and in which slot."""
+    lm = TINY_MODELS[name]()
+
+    def greedy(batch: SlotBatch, placements: dict[int, int], steps: int) -> dict[int, list[Any]]:
+        # placements: slot -> prompt length; returns slot -> every step's logits.
+        seen: dict[int, list[Any]] = {}
+        nxt: dict[int, int] = {}
+        for slot, length in placements.items():
+            out = batch.prefill(slot, token_ids(length, length))
+            seen[slot] = [out]
+            nxt[slot] = int(out.argmax())
+        for _ in range(steps):
+            for slot, out in batch.decode(nxt).items():
+                seen[slot].append(out)
+                nxt[slot] = int(out.argmax())
+        for slot in placements:
+            batch.release(slot)
+        return seen
+
+    batch = SlotBatch(lm, torch.device("cpu"), max_sequences=8)
+    lengths = [3, 17, 40, 63, 64, 90]
+    alone = {n: greedy(batch, {0: n}, 12)[0] for n in lengths}
+    together = greedy(batch, {7 - i: n for i, n in enumerate(lengths)}, 12)
+    for i, n in enumerate(lengths):
+        for a, b in zip(alone[n], together[7 - i], strict=True):
+            assert torch.equal(a, b), f"prompt of {n} tokens differs in a batch"
+
+
+def test_released_slots_give_their_memory_back() -> None:
+    batch = SlotBatch(tiny_llama(), torch.device("cpu"), max_sequences=4)
+    for slot in range(4):
+        batch.prefill(slot, token_ids(300 if slot == 3 else 10, slot))
+    batch.decode(dict.fromkeys(range(4), 1))
+    full = batch.cache.nbytes
+    assert full > 0
+    batch.release(3)  # the long one: most of the memory is no longer needed
+    assert 0 < batch.cache.nbytes <= full // 2
+    for slot in range(3):
+        batch.release(slot)
+    assert batch.cache.nbytes == 0
+
+
+# -- the real model in a real server ---------------------------------------------------------------
+
+MAX_TOKENS = 24
+QUESTION = "What is the capital of France?"
+STORY = "Tell me a very long story about a dragon."
+PARAGRAPH = (
+    "The old lighthouse keeper climbed the spiral stairs every evening, one hundred and twelve "
+    "steps, to light the lamp that warned the fishing boats away from the rocks. One stormy "
+    "night the lamp would not light, and he had to decide whether to row out into the dark to "
+    "warn the boats himself or to stay and try to repair it before they reached the reef."
+)
+# Eight prompts whose templated lengths range from about 30 to about 190 tokens; with the step
+# budget below (48 tokens for 8 sequences: 40-token chunks) the longer ones take several chunks.
+PROMPTS = (
+    "Hi.",
+    QUESTION,
+    "Name three colours and say which one you like best.",
+    "Write a haiku about autumn leaves falling in a quiet forest at dusk.",
+    "Explain in detail how photosynthesis works, including the light-dependent and the "
+    "light-independent reactions, and why it matters for life on Earth.",
+    f"Summarize this story in one sentence: {PARAGRAPH}",
+    f"What should the keeper do, and why? {PARAGRAPH} {PARAGRAPH}",
+    "Count from one to twenty in words, separated by commas.",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    text: str
+    finish_reason: str
+    completion_tokens: int
+
+
+def chat_request(content: str, **kwargs: Any) -> pb.ChatRequest:
+    kwargs.setdefault("temperature", 0.0)
+    kwargs.setdefault("max_tokens", MAX_TOKENS)
+    return pb.ChatRequest(messages=[pb.ChatMessage(role="user", content=content)], **kwargs)
+
+
+async def reply(
+    stub: pb_grpc.GlmServiceStub, request: pb.ChatRequest, deadline_s: float | None = None
+) -> Reply:
+    chunks = [c async for c in stub.Chat(request, timeout=deadline_s)]
+    last = chunks[-1]
+    return Reply(
+        "".join(c.choices[0].delta.content for c in chunks),
+        last.choices[0].finish_reason,
+        last.usage.completion_tokens,
+    )
+
+
+@pytest.fixture(scope="module")
+async def batch_app() -> AsyncIterator[GlmApp]:
+    """The chat model alone, 8 sequences at once, 2 waiting places, 48-token steps."""
+    [chat] = [s for s in load_model_specs(DEFAULT_CONFIG) if s.kind is ModelKind.CHAT]
+    spec = dataclasses.replace(chat, max_concurrent=8, max_waiting=2, max_batch_tokens=48)
+    app = GlmApp(make_settings(), specs=(spec,))
+    await app.start()
+    await app.load_models()
+    yield app
+    await app.stop(grace=0.5)
+
+
+@pytest.fixture(scope="module")
+async def stub(batch_app: GlmApp) -> AsyncIterator[pb_grpc.GlmServiceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{batch_app.port}") as channel:
+        yield pb_grpc.GlmServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def engine(batch_app: GlmApp) -> ChatEngine:
+    return batch_app.registry.chat("")[1]
+
+
+@pytest.fixture(scope="module")
+async def alone(stub: pb_grpc.GlmServiceStub, engine: ChatEngine) -> list[Reply]:
+    """Each prompt's greedy reply, generated with nothing else running."""
+    replies = []
+    for prompt in PROMPTS:
+        replies.append(await reply(stub, chat_request(prompt)))
+        assert engine.stats.running == 0
+    return replies
+
+
+async def until(condition: Callable[[], bool], within_s: float = 30.0) -> None:
+    """Wait until `condition()` holds (the engine offers no event for what the tests watch)."""
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def steps(engine: ChatEngine, count: int) -> None:
+    """Wait until the engine has run `count` more decode passes."""
+    target = engine.counters.decode_passes + count
+    await until(lambda: engine.counters.decode_passes >= target)
+
+
+async def test_greedy_replies_are_the_same_alone_and_batched(
+    stub: pb_grpc.GlmServiceStub, engine: ChatEngine, alone: list[Reply]
+) -> None:
+    before = engine.counters
+    together = await asyncio.gather(*(reply(stub, chat_request(p)) for p in PROMPTS))
+    after = engine.counters
+    assert together == alone
+    assert len({r.text for r in alone}) == len(PROMPTS)
+    # The prompts really were fed in chunks, and the replies really were decoded together.
+    assert after.prefill_passes - before.prefill_passes > len(PROMPTS)
+    assert after.decode_tokens - before.decode_tokens > 4 * (
+        after.decode_passes - before.decode_passes
+    )
+
+
+async def test_requests_joining_mid_generation_change_nothing(
+    stub: pb_grpc.GlmServiceStub, engine: ChatEngine, alone: list[Reply]
+) -> None:
+    decoded = engine.counters.decode_tokens
+    first = [asyncio.create_task(reply(stub, chat_request(p))) for p in PROMPTS[::2]]
+    # The first four are generating when the others arrive, one by one.
+    await until(lambda: engine.counters.decode_tokens >= decoded + 4)
+    later = []
+    for prompt in PROMPTS[1::2]:
+        await steps(engine, 2)
+        later.append(asyncio.create_task(reply(stub, chat_request(prompt))))
+    assert await asyncio.gather(*first) == alone[::2]
+    assert await asyncio.gather(*later) == alone[1::2]
+
+
+async def test_concurrent_streams_share_forward_passes(
+    stub: pb_grpc.GlmServiceStub, engine: ChatEngine
+) -> None:
+    prompts = [f"{STORY} Make it about {topic}." for topic in ("bread", "rain", "a map", "tea")]
+    prompts += PROMPTS[4:]
+    before = engine.counters
+    replies = await asyncio.gather(*(reply(stub, chat_request(p, max_tokens=32)) for p in prompts))
+    after = engine.counters
+    tokens = sum(r.completion_tokens for r in replies)
+    passes = after.forward_passes - before.forward_passes
+    # Alone, every token would take a pass of its own: here the streams share them.
+    assert tokens > 16 * len(prompts)
+    assert passes < tokens / 3
+    decoded = after.decode_tokens - before.decode_tokens
+    # The first token of each stream comes from its prompt's pass, the others from decode passes.
+    assert decoded == tokens - len(prompts)
+
+
+async def test_per_request_parameters_inside_one_batch(
+    stub: pb_grpc.GlmServiceStub, alone: list[Reply]
+) -> None:
+    requests = {
+        "greedy": chat_request(PROMPTS[2]),
+        "sampled": chat_request(
+            PROMPTS[3], temperature=1.0, top_p=0.9, seed=1234, repetition_penalty=1.3
+        ),
+        "stop": chat_request(QUESTION, stop=["Paris"]),
+        "short": chat_request(PROMPTS[7], max_tokens=3),
+        "full": chat_request(QUESTION),
+    }
+    # Each request alone first, then all of them together, twice.
+    single = {name: await reply(stub, r) for name, r in requests.items()}
+    runs = []
+    for _ in range(2):
+        replies = await asyncio.gather(*(reply(stub, r) for r in requests.values()))
+        runs.append(dict(zip(requests, replies, strict=True)))
+    for batched in runs:
+        assert batched == single
+    assert single["greedy"] == alone[2]
+    assert single["sampled"].text != alone[3].text  # the same prompt, decoded greedily
+    full = single["full"].text
+    assert "Paris" in full
+    assert single["stop"].text == full[: full.index("Paris")]
+    assert single["stop"].finish_reason == "stop"
+    assert single["short"].completion_tokens == 3
+    assert single["short"].finish_reason == "length"
+
+
+async def test_a_cancelled_sequence_leaves_within_a_step_and_the_others_finish(
+    stub: pb_grpc.GlmServiceStub, engine: ChatEngine, batch_app: GlmApp, alone: list[Reply]
+) -> None:
+    long_calls = [stub.Chat(chat_request(STORY, max_tokens=500)) for _ in range(2)]
+    for call in long_calls:
+        await call.read()
+        await call.read()
+    short = [asyncio.create_task(reply(stub, chat_request(p))) for p in PROMPTS[:2]]
+    await until(lambda: engine.stats.running == 4)
+    passes = engine.counters.decode_passes
+    long_calls[0].cancel()
+    await until(lambda: engine.stats.running == 3, within_s=10)
+    # The client's cancellation reaches the server in milliseconds; the slot goes at the next step.
+    assert engine.counters.decode_passes - passes <= 5
+    assert await asyncio.gather(*short) == alone[:2]
+    assert engine.stats.running == 1
+    long_calls[1].cancel()
+    await asyncio.wait_for(engine.wait_idle(), timeout=30)
+    assert engine.stats.running == 0
+    # No sequence left: the key/value memory is given back.
+    batch = engine._scheduler.batch
+    assert isinstance(batch, SlotBatch)
+    assert batch.cache.nbytes == 0
+
+
+async def test_queue_deadline_and_backpressure(
+    stub: pb_grpc.GlmServiceStub, engine: ChatEngine
+) -> None:
+    running = [stub.Chat(chat_request(STORY, max_tokens=1000)) for _ in range(8)]
+    for call in running:
+        await call.read()
+    assert engine.stats.running == 8
+
+    # A request whose deadline passes while it waits never starts.
+    prefills = engine.counters.prefill_passes
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await reply(stub, chat_request(QUESTION, max_tokens=4), deadline_s=0.5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await until(lambda: engine.stats.waiting == 0)
+    assert engine.counters.prefill_passes == prefills
+    assert engine.stats.running == 8
+
+    # Two may wait; the next is refused at once.
+    waiting = [asyncio.create_task(reply(stub, chat_request(p, max_tokens=4))) for p in PROMPTS[:2]]
+    await until(lambda: engine.stats.waiting == 2)
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await reply(stub, chat_request(QUESTION, max_tokens=4))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_waiting" in (err.value.details() or "")
+    assert time.monotonic() - started < 5
+
+    # Places freed by cancelled streams go to the waiting requests, which then run to the end.
+    for call in running:
+        call.cancel()
+    for done in await asyncio.gather(*waiting):
+        assert done.finish_reason in ("stop", "length")
+    await asyncio.wait_for(engine.wait_idle(), timeout=30)
+    assert engine.stats.running == 0
+    assert engine.stats.waiting == 0
+
+
+def test_a_step_budget_must_exceed_the_running_sequences(tmp_path: Path) -> None:
+    config = tmp_path / "models.toml"
+    config.write_text(
+        '[[models]]\nid = "c"\nkind = "chat"\npath = "x"\nmax_concurrent = 8\n'
+        "max_batch_tokens = 8\n"
+    )
+    with pytest.raises(ConfigError, match="'max_batch_tokens' \\(8\\) must be larger than"):
+        load_model_specs(config)
+    config.write_text('[[models]]\nid = "c"\nkind = "chat"\npath = "x"\nmax_batch_tokens = 5\n')
+    assert load_model_specs(config)[0].max_batch_tokens == 5
