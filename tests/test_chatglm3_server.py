@@ -3,6 +3,7 @@ text2vec-large-style BERT folder, spoken to over gRPC."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -176,3 +177,20 @@ def test_loader_detection(tmp_path: Path) -> None:
     missing = chatglm3_spec(tmp_path / "absent", hub_id="THUDM/chatglm3-6b-32k")
     assert not is_chatglm3(missing)  # a Hub id is not inspected: say family = "chatglm3"
     assert is_chatglm3(dataclasses.replace(missing, family="chatglm3"))
+
+
+async def test_chatglm3_sequences_are_decoded_together(served: Served) -> None:
+    """ChatGLM3 (GlmForCausalLM) takes the batched path, and batching changes no greedy reply."""
+    _, engine = served.app.registry.chat("chatglm3-6b-32k")
+    questions = ["Hello", "What is the weather in Beijing today?", "一二三四五六七八九十"]
+
+    async def reply(q: str) -> str:
+        return "".join([c.choices[0].delta.content async for c in served.stub.Chat(chat(q))])
+
+    alone = [await reply(q) for q in questions]
+    before = engine.counters
+    together = await asyncio.gather(*(reply(q) for q in questions))
+    after = engine.counters
+    assert together == alone
+    # Three sequences shared decode passes: fewer passes than the tokens they decoded.
+    assert after.decode_passes - before.decode_passes < after.decode_tokens - before.decode_tokens

@@ -107,6 +107,12 @@ class ChatGLM3Model(ChatModel):
         )
 
     @property
+    def causal_lm(self) -> torch.nn.Module:
+        """The native GlmForCausalLM: the chat engine decodes ChatGLM3 sequences in batches."""
+        module: torch.nn.Module = self._model
+        return module
+
+    @property
     def tokenizer(self) -> ChatGLM3Tokenizer:
         """The native ChatGLM3 tokenizer."""
         return self._tokenizer
