@@ -192,5 +192,5 @@ async def test_chatglm3_sequences_are_decoded_together(served: Served) -> None:
     together = await asyncio.gather(*(reply(q) for q in questions))
     after = engine.counters
     assert together == alone
-    # Three sequences shared decode passes: fewer passes than the tokens they decoded.
-    assert after.decode_passes - before.decode_passes < after.decode_tokens - before.decode_tokens
+    # Three sequences shared forward passes: fewer passes than the tokens they decoded.
+    assert after.forward_passes - before.forward_passes < after.decode_tokens - before.decode_tokens
