@@ -194,3 +194,60 @@ async def test_chatglm3_sequences_are_decoded_together(served: Served) -> None:
     assert together == alone
     # Three sequences shared forward passes: fewer passes than the tokens they decoded.
     assert after.forward_passes - before.forward_passes < after.decode_tokens - before.decode_tokens
+
+
+async def test_tools_are_offered_in_chatglm3s_system_prompt(served: Served) -> None:
+    tool = pb.Tool(
+        type="function",
+        function=pb.FunctionDefinition(name="get_weather", description="Weather of a city"),
+    )
+    tool.function.parameters.update({"type": "object", "properties": {"city": {"type": "string"}}})
+    request = chat("Weather in Beijing?", tools=[tool])
+    chunks = [c async for c in served.stub.Chat(request)]
+    last = chunks[-1]
+    # Random weights never call the tool; the reply is text, and the prompt carried the tool.
+    assert last.choices[0].finish_reason in ("stop", "length")
+    with_tools = build_prompt_ids(
+        served.tokenizer,
+        [PromptMessage("user", "Weather in Beijing?")],
+        tools=[
+            {
+                "name": "get_weather",
+                "description": "Weather of a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            }
+        ],
+    )
+    assert last.usage.prompt_tokens == len(with_tools)
+    plain = [c async for c in served.stub.Chat(chat("Weather in Beijing?"))][-1]
+    assert last.usage.prompt_tokens > plain.usage.prompt_tokens
+
+
+async def test_a_past_tool_call_and_its_observation_go_back_into_the_prompt(
+    served: Served,
+) -> None:
+    from server.models.chatglm3_tools import format_tool_call
+
+    request = pb.ChatRequest(
+        messages=[
+            pb.ChatMessage(role="user", content="Weather in Beijing?"),
+            pb.ChatMessage(
+                role="assistant",
+                function_call=pb.FunctionCall(name="get_weather", arguments='{"city": "Beijing"}'),
+            ),
+            pb.ChatMessage(role="observation", content='{"temperature": 21}'),
+        ],
+        temperature=0.0,
+        max_tokens=4,
+    )
+    last = [c async for c in served.stub.Chat(request)][-1]
+    metadata, content = format_tool_call("get_weather", {"city": "Beijing"})
+    expected = build_prompt_ids(
+        served.tokenizer,
+        [
+            PromptMessage("user", "Weather in Beijing?"),
+            PromptMessage("assistant", content, metadata=metadata),
+            PromptMessage("observation", '{"temperature": 21}'),
+        ],
+    )
+    assert last.usage.prompt_tokens == len(expected)

@@ -60,6 +60,35 @@ CHAT_CASES = [
         "stop_token_ids[0]",
     ),
     (
+        pb.ChatRequest(
+            messages=[msg("user")],
+            tools=[pb.Tool(type="function", function=pb.FunctionDefinition(name="get_weather"))],
+        ),
+        Code.FAILED_PRECONDITION,
+        "has no tool format",
+    ),
+    (
+        pb.ChatRequest(
+            messages=[msg("user")],
+            tools=[pb.Tool(type="function", function=pb.FunctionDefinition(name="bad name!"))],
+        ),
+        Code.INVALID_ARGUMENT,
+        "tools[0].function.name",
+    ),
+    (
+        pb.ChatRequest(
+            messages=[
+                pb.ChatMessage(
+                    role="user",
+                    content="hi",
+                    function_call=pb.FunctionCall(name="get_weather", arguments="{}"),
+                )
+            ]
+        ),
+        Code.INVALID_ARGUMENT,
+        "only assistant messages carry a function_call",
+    ),
+    (
         pb.ChatRequest(model="gpt-5", messages=[msg("user")]),
         Code.NOT_FOUND,
         "unknown model 'gpt-5'; available models: all-minilm-l6-v2, smollm2-135m-instruct",

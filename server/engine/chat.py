@@ -13,6 +13,7 @@ releases the GIL inside its kernels, so the event loop keeps answering other cal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -20,7 +21,13 @@ from dataclasses import dataclass
 from server.config import CHAT_MAX_BATCH_TOKENS
 from server.domain import ChatRequest, GenerationEvent
 from server.engine.scheduler import Item, Job, Scheduler, SchedulerCounters
-from server.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
+from server.engine.tool_calls import detect_tool_calls
+from server.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 from server.metrics import EngineObserver
 from server.models.base import ChatModel
 
@@ -109,7 +116,11 @@ class ChatEngine:
 
     def _plan(self, request: ChatRequest) -> tuple[list[int], int]:
         """Tokenize the prompt and check it and max_tokens against the model's limits."""
-        prompt_ids = self._model.build_prompt(request.messages)
+        if request.tools and not self._model.supports_tools:
+            raise FailedPreconditionError(
+                f"model {request.model!r} has no tool format; send the request without tools"
+            )
+        prompt_ids = self._model.build_prompt(request.messages, request.tools)
         n_prompt = len(prompt_ids)
         limit = self._model.max_input_tokens
         if n_prompt > limit:
@@ -144,8 +155,18 @@ class ChatEngine:
     async def generate(self, request: ChatRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Stream the reply as text pieces; the last event has finish_reason and usage.
 
-        Closing the iterator early (client gone, deadline) stops the generation within one step.
+        With tools offered, a reply that is a tool call comes back as one last event carrying
+        `function_call` (server/engine/tool_calls.py). Closing the iterator early (client gone,
+        deadline) stops the generation within one step.
         """
+        events = self._generate(request)
+        if request.tools:
+            events = detect_tool_calls(events, request.tools, self._model.parse_tool_call)
+        async with contextlib.aclosing(events) as stream:
+            async for event in stream:
+                yield event
+
+    async def _generate(self, request: ChatRequest) -> AsyncGenerator[GenerationEvent, None]:
         loop = asyncio.get_running_loop()
         prompt_ids, max_new = await asyncio.to_thread(self._plan, request)
         if self._closed:

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from server.domain import ChatMessage, ModelKind, Tokenization
+from server.domain import ChatMessage, FunctionCall, ModelKind, Tokenization, ToolSpec
 
 # A model's key/value cache for one sequence; opaque to the engine.
 KVCache = Any
@@ -72,8 +72,13 @@ class ChatModel(Model):
         """Ids that end a reply (end of sequence, end of turn)."""
 
     @abstractmethod
-    def build_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """The token ids of the conversation, ending where the assistant's reply begins."""
+    def build_prompt(
+        self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()
+    ) -> list[int]:
+        """The token ids of the conversation, ending where the assistant's reply begins.
+
+        `tools` are offered to the model; only called with tools when `supports_tools` is true.
+        """
 
     @abstractmethod
     def forward(
@@ -83,6 +88,15 @@ class ChatModel(Model):
 
         Returns the float32 logits of the next token (1-D, vocabulary-sized) and the updated cache.
         """
+
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the model has a tool format: requests may offer tools and get tool calls."""
+        return False
+
+    def parse_tool_call(self, reply: str, tools: Sequence[ToolSpec]) -> FunctionCall | None:
+        """The tool call a whole reply makes, or None when it is plain text."""
+        return None
 
     @property
     def causal_lm(self) -> torch.nn.Module | None:

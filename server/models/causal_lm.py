@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from server.config import ModelSpec
-from server.domain import ChatMessage, Role, Tokenization
+from server.domain import ChatMessage, Role, Tokenization, ToolSpec
 from server.models.base import ChatModel, KVCache, TokenDecoder
 from server.models.sources import converted_gguf, resolve_device, resolve_dtype, resolve_source
 
@@ -115,7 +115,11 @@ class TransformersChatModel(ChatModel):
         module: torch.nn.Module = self._model
         return module
 
-    def build_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
+    def build_prompt(
+        self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()
+    ) -> list[int]:
+        if tools:
+            raise ValueError("this model has no tool format (supports_tools is false)")
         conversation = [{"role": _TEMPLATE_ROLES[m.role], "content": m.content} for m in messages]
         with self._lock:
             # sanitize_control_tokens encodes special tokens typed inside messages as plain text,

@@ -13,6 +13,7 @@ input ids go to the GPU holding the embeddings).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,11 +22,11 @@ from typing import Any
 import torch
 
 from server.config import ModelSpec
-from server.domain import ChatMessage, Role, Tokenization
+from server.domain import ChatMessage, FunctionCall, Role, Tokenization, ToolSpec
 from server.models.base import ChatModel, KVCache, TokenDecoder
 from server.models.chatglm3_prompt import PromptMessage, build_prompt_ids
 from server.models.chatglm3_tokenizer import ChatGLM3Tokenizer
-from server.models.chatglm3_tools import try_parse_tool_call
+from server.models.chatglm3_tools import format_tool_call, try_parse_tool_call
 from server.models.chatglm3_weights import converted_chatglm3, local_checkpoint
 from server.models.sources import ModelLoadError, resolve_device, resolve_dtype
 
@@ -40,6 +41,10 @@ def to_prompt_message(message: ChatMessage) -> PromptMessage:
     An assistant turn whose text is a tool call ("NAME\\n```python ...```", as this server returns
     it) goes back with the name as metadata, the form ChatGLM3 was trained on.
     """
+    if message.role is Role.ASSISTANT and message.function_call is not None:
+        call = message.function_call
+        metadata, content = format_tool_call(call.name, json.loads(call.arguments))
+        return PromptMessage("assistant", content, metadata=metadata)
     if message.role is Role.ASSISTANT and try_parse_tool_call(message.content) is not None:
         name, _, block = message.content.strip().partition("\n")
         return PromptMessage("assistant", block.strip(), metadata=name.strip())
@@ -137,7 +142,19 @@ class ChatGLM3Model(ChatModel):
     def stop_token_ids(self) -> frozenset[int]:
         return self._tokenizer.stop_ids
 
-    def build_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
+    @property
+    def supports_tools(self) -> bool:
+        return True
+
+    def parse_tool_call(self, reply: str, tools: Sequence[ToolSpec]) -> FunctionCall | None:
+        call = try_parse_tool_call(reply, [t.name for t in tools])
+        return None if call is None else FunctionCall(call.name, call.arguments_json)
+
+    def build_prompt(
+        self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()
+    ) -> list[int]:
+        if tools:
+            return self.build_prompt_with_tools(messages, [t.as_dict() for t in tools])
         return self.build_prompt_with_tools(messages, None)
 
     def build_prompt_with_tools(

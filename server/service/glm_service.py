@@ -63,6 +63,7 @@ class GlmService(pb_grpc.GlmServiceServicer):
                             content=text,
                             finish_reason=event.finish_reason,
                             usage=event.usage,
+                            function_call=event.function_call,
                         )
                     continue
                 yield convert.chat_chunk(
@@ -73,6 +74,7 @@ class GlmService(pb_grpc.GlmServiceServicer):
                     first=first,
                     finish_reason=event.finish_reason,
                     usage=event.usage,
+                    function_call=event.function_call,
                 )
                 first = False
 

@@ -43,6 +43,13 @@ class ScriptedService:
             raise InvalidArgumentError("went wrong after the first chunk")
         if script == "bug-mid-stream":
             raise ZeroDivisionError("a bug")
+        if script == "tool":
+            last = chunk("", finish="function_call")
+            last.choices[0].delta.function_call.CopyFrom(
+                pb.FunctionCall(name="get_weather", arguments='{"city": "Paris"}')
+            )
+            yield last
+            return
         yield chunk(" world", finish="stop")
 
 
@@ -109,3 +116,21 @@ async def test_errors_mid_stream_arrive_in_band(
     error = json.loads(events[-1].removeprefix(b"data: "))["error"]
     assert error["code"] == code
     assert b"[DONE]" not in b"".join(events)  # a failed stream does not claim completion
+
+
+async def test_tool_calls_in_openai_and_seed_shapes(stub: gw_grpc.HttpGatewayServiceStub) -> None:
+    _, replies = await read_all(stub.OpenAiChatCompletions(body("tool", stream=True)))
+    events = [e for e in b"".join(r.data for r in replies).split(b"\n\n") if e]
+    last = json.loads(events[-2].removeprefix(b"data: "))  # the one before [DONE]
+    choice = last["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    [call] = choice["delta"]["tool_calls"]
+    assert call["type"] == "function"
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert call["id"].startswith("call_")
+
+    _, replies = await read_all(stub.SeedChat(body("tool")))
+    events = [e for e in b"".join(r.data for r in replies).split(b"\n\n") if e]
+    seed_last = json.loads(events[-2].removeprefix(b"data: "))["choices"][0]
+    assert seed_last["finish_reason"] == "function_call"
+    assert seed_last["delta"]["function_call"]["name"] == "get_weather"
