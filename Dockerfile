@@ -63,6 +63,7 @@ COPY envoy/ envoy/
 # GLM_HTTP_HOST only matters for `python -m gateway` (server and Envoy in one container).
 # NVIDIA_DRIVER_CAPABILITIES: what the NVIDIA Container Toolkit mounts in (as nvidia/cuda images set).
 ENV GLM_GRPC_ADDRESS=0.0.0.0:50051 \
+    GLM_METRICS_PORT=9464 \
     GLM_CACHE_DIR=/cache \
     GLM_HTTP_HOST=0.0.0.0 \
     HF_HOME=/cache/huggingface \
@@ -71,7 +72,8 @@ ENV GLM_GRPC_ADDRESS=0.0.0.0:50051 \
 
 USER ${APP_UID}:${APP_UID}
 
-EXPOSE 50051
+# gRPC, and Prometheus metrics (GLM_METRICS_PORT).
+EXPOSE 50051 9464
 
 # Healthy only while grpc.health.v1 reports SERVING: the port answers NOT_SERVING while the models
 # load, which can take minutes (hence the long start period: a success ends it at once).

@@ -240,7 +240,11 @@ def test_dockerfile_environment_port_and_command(dockerfile: list[Instruction]) 
     settings = load_settings([], environ=env)
     assert settings.grpc_port == 50051
     assert str(settings.cache_dir) == "/cache"
-    assert only(dockerfile, "EXPOSE").args.split() == [str(settings.grpc_port)]
+    assert settings.metrics_port == 9464
+    assert only(dockerfile, "EXPOSE").args.split() == [
+        str(settings.grpc_port),
+        str(settings.metrics_port),
+    ]
     assert json.loads(only(dockerfile, "CMD").args) == ["python", "-m", "server"]
 
 
