@@ -214,7 +214,8 @@ async def test_tools_are_offered_in_chatglm3s_system_prompt(served: Served) -> N
             {
                 "name": "get_weather",
                 "description": "Weather of a city",
-                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                # The server sorts parameter keys (a Struct keeps no order).
+                "parameters": {"properties": {"city": {"type": "string"}}, "type": "object"},
             }
         ],
     )

@@ -66,7 +66,10 @@ def tools_from_proto(tools: Sequence[pb.Tool]) -> tuple[ToolSpec, ...]:
             )
         if any(s.name == name for s in specs):
             raise InvalidArgumentError(f"tools[{i}]: the tool name {name!r} is used twice")
-        parameters = json_format.MessageToDict(tool.function.parameters)
+        # A Struct keeps no key order; sort the keys so the same tools always give the same prompt.
+        parameters = json.loads(
+            json.dumps(json_format.MessageToDict(tool.function.parameters), sort_keys=True)
+        )
         specs.append(ToolSpec(name, tool.function.description, parameters))
     return tuple(specs)
 
