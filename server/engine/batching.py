@@ -58,6 +58,11 @@ class SequenceBatch(ABC):
         """Rows the last `decode` computed, padding included (the batch size of that pass)."""
         return 0
 
+    @property
+    def cache_bytes(self) -> int | None:
+        """Bytes of key/value memory held now (None: not known)."""
+        return None
+
 
 class ForwardLoopBatch(SequenceBatch):
     """Any ChatModel, through `forward`: one pass per sequence per step, no shared batch."""

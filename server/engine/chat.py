@@ -100,6 +100,12 @@ class ChatEngine:
         """Forward passes, decoded tokens and prefilled tokens so far (tests, metrics)."""
         return self._scheduler.counters
 
+    @property
+    def cache_bytes(self) -> int | None:
+        """Bytes of key/value memory the running sequences hold (None: the model cannot tell)."""
+        batch = self._scheduler.batch
+        return batch.cache_bytes if batch is not None else 0
+
     async def wait_idle(self) -> None:
         """Return once no sequence is running (used by tests and shutdown)."""
         await self._idle.wait()

@@ -233,12 +233,13 @@ class KVSlotCache(Cache):  # type: ignore[misc]  # transformers is untyped here
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by keys and values."""
-        return sum(
-            layer.keys.nbytes + layer.values.nbytes
-            for layer in self._layers()
-            if layer.is_initialized
-        )
+        """Bytes held by keys and values (safe to read from any thread)."""
+        total = 0
+        for layer in self._layers():
+            keys, values = layer.keys, layer.values
+            if keys is not None and values is not None:
+                total += keys.nbytes + values.nbytes
+        return total
 
 
 def unsupported_reason(causal_lm: Any) -> str | None:
@@ -340,8 +341,12 @@ class SlotBatch(SequenceBatch):
 
     @property
     def cache(self) -> KVSlotCache:
-        """The key/value memory (for tests and metrics)."""
+        """The key/value memory."""
         return self._cache
+
+    @property
+    def cache_bytes(self) -> int:
+        return self._cache.nbytes
 
     def _mask(self, visible: torch.Tensor) -> torch.Tensor:
         """The additive mask SDPA and eager attention both take: 0 where visible, else -max."""

@@ -18,7 +18,7 @@ One iteration of the loop is one *step*:
    the decode pass from the next step on.
 
 The loop sleeps while there is nothing to do. Events for the consumers are handed to their event
-loops once per step, in one call per loop.
+loops after each decode pass and each completed prompt, in one call per event loop.
 """
 
 from __future__ import annotations
