@@ -34,6 +34,8 @@ class Metric:
     unit: str = ""
     target: Target | None = None
     digits: int = 2
+    # Measured while other processes were busy: the verdict gets a "*" and the table a footnote.
+    noisy: bool = False
 
     @property
     def verdict(self) -> str:
@@ -42,7 +44,8 @@ class Metric:
             return "n/a"
         if self.target is None:
             return "info"
-        return "PASS" if self.target.met_by(self.value) else "FAIL"
+        verdict = "PASS" if self.target.met_by(self.value) else "FAIL"
+        return verdict + "*" if self.noisy else verdict
 
     def formatted_value(self) -> str:
         """The value with its unit, or "-" when it was not measured."""
@@ -59,6 +62,7 @@ class Metric:
             "unit": self.unit,
             "target": str(self.target) if self.target else None,
             "verdict": self.verdict,
+            "noisy": self.noisy,
         }
 
 
