@@ -34,10 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -46,7 +43,7 @@ from typing import Any
 import torch
 
 from server.config import ModelSpec
-from server.models.sources import ModelLoadError, resolve_source
+from server.models.sources import ModelLoadError, publish_conversion, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -346,17 +343,7 @@ def converted_chatglm3(spec: ModelSpec, folder: Path, cache_dir: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("converting the ChatGLM3 checkpoint %s to %s (once)", folder, target)
     started = time.monotonic()
-    staging = Path(tempfile.mkdtemp(prefix=f".{spec.id}-", dir=target.parent))
-    try:
-        convert_checkpoint(folder, staging)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            # Another process finished the same conversion first; its copy is as good as ours.
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    publish_conversion(target, lambda staging: convert_checkpoint(folder, staging))
     log.info("converted %s in %.1f s", spec.id, time.monotonic() - started)
     return target
 

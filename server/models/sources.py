@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -113,17 +114,29 @@ def converted_gguf(spec: ModelSpec, source: str, dtype: torch.dtype, cache_dir: 
     # The GGUF quantizer marks the model as quantized, which save_pretrained refuses; the tensors
     # are already dequantized, so drop the marker.
     model.hf_quantizer = None
-    staging = Path(tempfile.mkdtemp(prefix=f".{spec.id}-", dir=target.parent))
-    try:
+
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+
+    publish_conversion(target, write)
+    log.info("converted %s in %.1f s", spec.id, time.monotonic() - started)
+    return target
+
+
+def publish_conversion(target: Path, write: Callable[[Path], None]) -> None:
+    """Run `write` into a staging folder beside `target`, then rename it to `target`.
+
+    The rename is atomic, so concurrent starts never see a half-written cache; when another
+    process finished the same conversion first, its copy is as good as ours.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(staging)
         try:
             os.rename(staging, target)
         except OSError:
-            # Another process finished the same conversion first; its copy is as good as ours.
             if not (target / "config.json").is_file():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("converted %s in %.1f s", spec.id, time.monotonic() - started)
-    return target

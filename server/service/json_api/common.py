@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from glm.v1 import glm_service_pb2 as pb
 from server.errors import GlmError, InvalidArgumentError
 
 M = TypeVar("M", bound=Message)
@@ -42,6 +43,15 @@ def sse_event(payload: Any) -> bytes:
 
 
 SSE_DONE = b"data: [DONE]\n\n"
+
+
+def usage_object(usage: pb.Usage) -> dict[str, int]:
+    """Token counts as both dialects print them."""
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
 
 
 def error_object(error: GlmError) -> dict[str, Any]:

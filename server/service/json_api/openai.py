@@ -16,7 +16,7 @@ from google.protobuf import json_format
 
 from glm.v1 import glm_service_pb2 as pb
 from server.errors import InvalidArgumentError
-from server.service.json_api.common import parse_object
+from server.service.json_api.common import parse_object, usage_object
 
 # OpenAI's role names onto glm.v1's ("tool" results are ChatGLM3's "observation").
 _ROLES = {
@@ -211,14 +211,6 @@ def chat_request(body: bytes) -> tuple[pb.ChatRequest, bool, bool]:
     return request, stream, include_usage
 
 
-def _usage(usage: pb.Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    }
-
-
 def chat_chunk(response: pb.ChatResponse) -> dict[str, Any]:
     """A chat.completion.chunk; the last one also carries usage (OpenAI's optional field)."""
     choice = response.choices[0]
@@ -243,7 +235,7 @@ def chat_chunk(response: pb.ChatResponse) -> dict[str, Any]:
         ],
     }
     if response.HasField("usage"):
-        chunk["usage"] = _usage(response.usage)
+        chunk["usage"] = usage_object(response.usage)
     return chunk
 
 
@@ -256,7 +248,7 @@ def usage_chunk(response: pb.ChatResponse) -> dict[str, Any]:
         "model": response.model,
         "system_fingerprint": None,
         "choices": [],
-        "usage": _usage(response.usage),
+        "usage": usage_object(response.usage),
     }
 
 
@@ -288,7 +280,7 @@ def chat_completion(response: pb.ChatResponse) -> dict[str, Any]:
                 "finish_reason": _FINISH.get(choice.finish_reason, choice.finish_reason),
             }
         ],
-        "usage": _usage(response.usage),
+        "usage": usage_object(response.usage),
     }
 
 

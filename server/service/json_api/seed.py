@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from glm.v1 import glm_service_pb2 as pb
-from server.service.json_api.common import parse_into, parse_object
+from server.service.json_api.common import parse_into, parse_object, usage_object
 
 
 def chat_request(body: bytes) -> pb.ChatRequest:
@@ -22,14 +22,6 @@ def chat_request(body: bytes) -> pb.ChatRequest:
 def wants_stream(request: pb.ChatRequest) -> bool:
     """Whether the reply is streamed as events (the default) or sent as one object."""
     return request.stream if request.HasField("stream") else True
-
-
-def _usage(usage: pb.Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    }
 
 
 def _function_call(call: pb.FunctionCall) -> dict[str, str]:
@@ -62,7 +54,7 @@ def chat_chunk(response: pb.ChatResponse) -> dict[str, Any]:
         ],
     }
     if response.HasField("usage"):
-        chunk["usage"] = _usage(response.usage)
+        chunk["usage"] = usage_object(response.usage)
     return chunk
 
 
@@ -81,7 +73,7 @@ def chat_completion(response: pb.ChatResponse) -> dict[str, Any]:
                 "finish_reason": choice.finish_reason or None,
             }
         ],
-        "usage": _usage(response.usage),
+        "usage": usage_object(response.usage),
     }
 
 
