@@ -1,11 +1,10 @@
 """How much CPU other processes used while a benchmark ran.
 
 On a small shared machine, a test suite or a build started by someone else steals cores from the
-server and the in-process baseline, and it does not hit them alike: a busy core has been seen to
-slow a two-thread torch forward pass in the benchmark's process 10-30x but the server's far less
-(probably OpenMP spin-waiting: libgomp spins less in a process with several thread teams, as the
-server has), so ratios measured under load flatter the server. The benchmark cannot prevent
-that, but it can say so next to its numbers.
+server and the in-process baseline, and it does not hit them alike: one busy core has been seen
+to slow the benchmark's two-thread torch forward passes 10-30x but the server's far less, so
+ratios measured under load flatter the server. The benchmark cannot prevent that, but it can say
+so next to its numbers.
 """
 
 from __future__ import annotations

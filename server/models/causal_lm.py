@@ -148,7 +148,8 @@ class TransformersChatModel(ChatModel):
         self, input_ids: Sequence[int], cache: KVCache | None
     ) -> tuple[torch.Tensor, KVCache]:
         ids = torch.tensor([list(input_ids)], dtype=torch.long, device=self._device)
-        out = self._model(input_ids=ids, cache=cache, use_cache=True)
+        # logits_to_keep=1: only the next token's logits; all positions would cost time and memory.
+        out = self._model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         return out.logits[0, -1].float(), out.cache
 
     def warmup(self) -> None:

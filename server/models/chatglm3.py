@@ -181,7 +181,8 @@ class ChatGLM3Model(ChatModel):
         self, input_ids: Sequence[int], cache: KVCache | None
     ) -> tuple[torch.Tensor, KVCache]:
         ids = torch.tensor([list(input_ids)], dtype=torch.long, device=self._device)
-        out = self._model(input_ids=ids, cache=cache, use_cache=True)
+        # logits_to_keep=1: only the next token's logits; all positions would cost time and memory.
+        out = self._model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         # Split over GPUs, the logits come out on the last one; the sampler works on the first.
         return out.logits[0, -1].float().to(self._device), out.cache
 
