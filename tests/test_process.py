@@ -163,7 +163,9 @@ def test_sigterm_drains_in_flight_calls_then_exits_0(tmp_path: Path) -> None:
                 time.sleep(0.025)
             chunks.extend(stream)
         assert refused is not None
-        assert refused.code == grpc.StatusCode.UNAVAILABLE
+        # UNAVAILABLE normally; a call that reaches grpc core in the very moment the server stops
+        # accepting is cancelled by grpc itself instead. Either way it was refused, not served.
+        assert refused.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
         assert chunks[-1].choices[0].finish_reason in ("stop", "length")
         assert chunks[-1].usage.completion_tokens > 1
         assert srv.proc.wait(timeout=60) == 0
