@@ -131,9 +131,8 @@ def load_settings(
         description="Serve chat, embeddings and tokenization over gRPC (glm.v1.GlmService).",
     )
     for f in fields(Settings):
-        flag = "--" + f.name.replace("_", "-")
         parser.add_argument(
-            flag,
+            flag_name(f.name),
             dest=f.name,
             default=None,
             metavar=f.name.upper(),

@@ -26,7 +26,6 @@ from server.service.glm_service import GlmService
 from server.service.json_api import openai, seed
 from server.service.json_api.common import (
     EVENT_STREAM,
-    JSON,
     SSE_DONE,
     HttpReply,
     error_object,
@@ -203,4 +202,4 @@ class HttpGatewayService(gw_grpc.HttpGatewayServiceServicer):
         return await self._unary(context, "/v1/models", work)
 
 
-__all__ = ["JSON", "STATUS_HEADER", "HttpGatewayService"]
+__all__ = ["STATUS_HEADER", "HttpGatewayService"]
