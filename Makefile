@@ -9,6 +9,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # The stamp changes whenever a requirements file does, so `setup` reinstalls only when needed.
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml | sha1sum | cut -c1-12)
+# The same for what only `make bench` needs (transformers serve's web stack).
+BENCH_STAMP := $(VENV)/.bench-installed-$(shell cat requirements-bench.txt | sha1sum | cut -c1-12)
 BUF := node_modules/.bin/buf
 PROTO := proto/glm/v1/glm_service.proto proto/glm/v1/http_gateway.proto
 # The descriptor set Envoy's transcoder reads (both services, with their imports).
@@ -16,6 +18,8 @@ DESCRIPTOR := gen/glm_v1.binpb
 # Extra pip arguments, e.g. PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu".
 PIP_ARGS ?=
 PYTEST_ARGS ?=
+# Arguments of `python -m bench`, e.g. BENCH_ARGS="--only streams".
+BENCH_ARGS ?=
 
 .PHONY: help setup gen gen-check lint buf-lint fmt run run-grpc envoy-config test bench clean
 
@@ -73,8 +77,13 @@ envoy-config: $(STAMP) ## Regenerate envoy/envoy.compose.yaml (the config docker
 test: $(STAMP) ## Run the test suite (real models, real servers on free ports).
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP) ## Run the benchmarks and print their ratios.
-	$(PY) -m bench
+$(BENCH_STAMP): $(STAMP) requirements-bench.txt
+	$(PIP) install -q $(PIP_ARGS) -r requirements-bench.txt
+	rm -f $(VENV)/.bench-installed-*
+	touch $@
+
+bench: $(BENCH_STAMP) ## Run the benchmarks and print their ratios (BENCH_ARGS="--only streams").
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean: ## Remove the virtualenv and caches (the converted-model cache is kept).
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -36,11 +36,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m bench",
         description=(
             "Benchmark glm-api against the same models in-process: chat tokens/s and time to "
-            "first token, embedding throughput under concurrency, and the server's peak RSS. "
-            "Exits 0 whatever the targets say."
+            "first token, embedding throughput under concurrency, and the server's peak RSS; "
+            "and concurrent chat streams against glm-api and against transformers serve "
+            "--continuous-batching on the same weights. Exits 0 whatever the targets say."
         ),
     )
-    parser.add_argument("--only", choices=("chat", "embed", "all"), default="all")
+    parser.add_argument("--only", choices=("chat", "embed", "streams", "all"), default="all")
     parser.add_argument(
         "--tokens", type=int, default=defaults.CHAT_TOKENS, help="chat tokens (%(default)s)"
     )
@@ -66,11 +67,41 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--rounds", type=int, default=defaults.ROUNDS, help="Embed rounds per pass (%(default)s)"
     )
+    parser.add_argument(
+        "--streams",
+        type=_counts,
+        default=defaults.STREAM_COUNTS,
+        metavar="N,N,...",
+        help=(
+            "concurrent Chat streams against glm-api, comma-separated "
+            f"({','.join(map(str, defaults.STREAM_COUNTS))}; {defaults.STREAM_COMPARED} is always "
+            "run: it is the count compared with 1 stream and with transformers serve)"
+        ),
+    )
+    parser.add_argument(
+        "--stream-tokens",
+        type=int,
+        default=defaults.STREAM_TOKENS,
+        help="greedy tokens per concurrent stream (%(default)s)",
+    )
     args = parser.parse_args(argv)
-    for name in ("tokens", "repeats", "ttft_samples", "concurrency", "rounds"):
+    for name in ("tokens", "repeats", "ttft_samples", "concurrency", "rounds", "stream_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    """A comma-separated list of positive stream counts."""
+    try:
+        counts = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas, got {text!r}"
+        ) from None
+    if not counts or counts[0] < 1:
+        raise argparse.ArgumentTypeError("stream counts must be at least 1")
+    return counts
 
 
 def environment() -> dict[str, Any]:
@@ -186,25 +217,16 @@ def bench_embed(
     return embed.as_dict() | {"background_cores": busy}, _flag_noise(metrics, busy)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the selected benchmarks; 0 unless something could not run at all."""
-    args = parse_args(argv)
-    # Imported after parsing so that --help is instant (transformers pulls in torch).
-    import transformers
+def bench_in_process(
+    args: argparse.Namespace, results: dict[str, Any], metrics: list[Metric]
+) -> int:
+    """The chat and embedding benchmarks against one server with the default models.
 
+    Fills `results` and `metrics`; returns 1 when something could not run at all, else 0.
+    """
     from server.config import ConfigError
     from server.models.sources import ModelLoadError
 
-    # The in-process baselines must not print generation-config advice or progress bars.
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-
-    started = time.monotonic()
-    env = environment()
-    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-    say(f"glm-api bench: {env['cpus']} CPUs, torch threads {env['torch_threads']}; {versions}")
-    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "env": env}
-    metrics: list[Metric] = []
     server = ServerProcess()
     try:
         raw_chat, embedder = load_baselines(args.only != "embed", args.only != "chat")
@@ -242,17 +264,81 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ready_s": ready_s,
         "exit_code": exit_code,
     }
+    say(f"server: stopped with exit status {exit_code}")
+    return 0
+
+
+def bench_streams(args: argparse.Namespace) -> tuple[dict[str, Any], list[Metric]]:
+    """The concurrent-streams benchmark's JSON section and table lines (its own two servers)."""
+    from bench.models import chat_model_folder, default_spec, server_settings
+    from bench.streams import run_streams
+    from server.domain import ModelKind
+
+    settings = server_settings()
+    spec = default_spec(ModelKind.CHAT, settings)
+    folder = chat_model_folder(spec, settings)
+    counts = sorted({*args.streams, defaults.STREAM_COMPARED})
+    say(
+        f"streams: {', '.join(map(str, counts))} concurrent greedy Chat streams of "
+        f"{args.stream_tokens} tokens against glm-api, then {defaults.STREAM_COMPARED} against "
+        f"transformers serve; model {spec.id} (dtype {spec.dtype}) from {folder}"
+    )
+    streams = run_streams(
+        model_id=spec.id,
+        folder=folder,
+        config=settings.config,
+        counts=counts,
+        compared=defaults.STREAM_COMPARED,
+        prompts=defaults.STREAM_PROMPTS,
+        tokens=args.stream_tokens,
+        say=say,
+    )
+    return streams.as_dict(), streams.metrics()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the selected benchmarks; 0 unless something could not run at all."""
+    args = parse_args(argv)
+    # Imported after parsing so that --help is instant (transformers pulls in torch).
+    import transformers
+
+    from server.config import ConfigError
+    from server.models.sources import ModelLoadError
+
+    # The in-process baselines must not print generation-config advice or progress bars.
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+    started = time.monotonic()
+    env = environment()
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    say(f"glm-api bench: {env['cpus']} CPUs, torch threads {env['torch_threads']}; {versions}")
+    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "env": env}
+    metrics: list[Metric] = []
+    if args.only != "streams":
+        code = bench_in_process(args, results, metrics)
+        if code:
+            return code
+    if args.only in ("streams", "all"):
+        from bench.serve_baseline import BaselineError
+
+        try:
+            results["streams"], streams_metrics = bench_streams(args)
+        except (ServerError, BaselineError, ConfigError, LookupError, ModelLoadError) as exc:
+            say(f"error: {exc}")
+            return 1
+        metrics += streams_metrics
     results["metrics"] = [m.as_dict() for m in metrics]
     took = time.monotonic() - started
-    say(f"server: stopped with exit status {exit_code}; the bench took {took:.0f} s")
+    say(f"the bench took {took:.0f} s")
     say("")
     say(format_table(metrics))
     if any(m.noisy for m in metrics):
         say(
             f"\n* other processes kept more than {BUSY_CORES_LIMIT} of {os.cpu_count()} cores busy "
-            "during this benchmark (see their CPU load above): its ratios are not reliable, and "
-            "they flatter the server, whose forward passes suffer less from a busy core than the "
-            "in-process ones; re-run on a quiet machine"
+            "during this benchmark (see their CPU load above): its ratios are not reliable (those "
+            "against the in-process models flatter the server, whose forward passes suffer less "
+            "from a busy core than the in-process ones); re-run on a quiet machine"
         )
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

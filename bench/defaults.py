@@ -22,3 +22,38 @@ CHAT_TOK_S_RATIO_TARGET = Target(">=", 0.9)
 CHAT_ADDED_TTFT_MS_TARGET = Target("<", 20.0)
 # server sentences/s / in-process encode at batch 32 sentences/s
 EMBED_RATIO_TARGET = Target(">=", 0.7)
+
+# Concurrent streams (bench/streams.py): eight prompts that SmolLM2-135M-Instruct does not finish
+# within 128 greedy tokens (checked: every one ends with finish_reason "length"), so every
+# stream does the same amount of work; stream i gets prompt i % 8.
+STREAM_PROMPTS = (
+    "Write a long story about a lighthouse keeper.",
+    "Write a long story about a dragon who learns to bake bread.",
+    "Write a long story about two friends crossing a desert.",
+    "Write a long story about a robot exploring an abandoned city.",
+    "Write a long story about a girl who finds a map in her attic.",
+    "Write a long story about a fisherman and a talking whale.",
+    "Write a long story about a village that forgot how to sing.",
+    "Write a long story about an astronaut stranded on Mars.",
+)
+STREAM_TOKENS = 128
+# Concurrent stream counts against glm-api; 32 is four times the default max_concurrent (8), so
+# 24 of them wait in the server's queue.
+STREAM_COUNTS = (1, 8, 32)
+# The stream count of the scaling ratio and of the comparison with transformers serve.
+STREAM_COMPARED = 8
+# transformers serve's paged cache, sized for the compared workload (its CPU default is 90% of
+# the machine's RAM, zero-filled): blocks of 256 tokens of every layer, of which one stream of
+# prompt + 128 tokens takes one, so two per stream at 8 streams; and the tokens of one step, as
+# glm-api's max_batch_tokens default for the chat model.
+TSERVE_CB_NUM_BLOCKS = 16
+TSERVE_CB_MAX_BATCH_TOKENS = 256
+
+# aggregate tok/s with 8 concurrent streams / with 1 stream
+STREAMS_SCALING_TARGET = Target(">=", 4.0)
+# glm-api aggregate tok/s / transformers serve aggregate tok/s, 8 streams
+STREAMS_VS_TSERVE_TOK_S_TARGET = Target(">=", 1.2)
+# glm-api median time to first token / transformers serve's, 8 streams
+STREAMS_VS_TSERVE_TTFT_TARGET = Target("<", 1.0)
+# glm-api peak RSS / transformers serve peak RSS (each serving the chat model alone)
+STREAMS_VS_TSERVE_RSS_TARGET = Target("<", 1.0)

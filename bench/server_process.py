@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -95,6 +96,7 @@ class ServerProcess:
         start_timeout_s: float = 300.0,
         stop_timeout_s: float = 20.0,
         extra_args: tuple[str, ...] = (),
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.host = host
         self.port = free_port(host)
@@ -103,6 +105,8 @@ class ServerProcess:
         # The server gives in-flight calls shutdown_grace_s (10 s by default) after SIGTERM.
         self.stop_timeout_s = stop_timeout_s
         self.extra_args = extra_args
+        # Extra environment for the child (GLM_* settings), on top of this process's own.
+        self.env = dict(env or {})
         self.ready_after_s: float | None = None
         self.exit_code: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -124,7 +128,7 @@ class ServerProcess:
 
     def start(self) -> None:
         """Launch the server; returns at once (call wait_ready() before using it)."""
-        env = dict(os.environ, GLM_GRPC_ADDRESS=self.target)
+        env = {**os.environ, **self.env, "GLM_GRPC_ADDRESS": self.target}
         self._log = tempfile.TemporaryFile(prefix="glm-bench-server-")  # noqa: SIM115 (closed in stop)
         self._started_at = time.monotonic()
         self._proc = subprocess.Popen(
