@@ -106,6 +106,10 @@ class ChatEngine:
         batch = self._scheduler.batch
         return batch.cache_bytes if batch is not None else 0
 
+    async def start(self) -> None:
+        """Wait until the scheduler can run sequences; raise why it cannot."""
+        await asyncio.to_thread(self._scheduler.wait_open)
+
     async def wait_idle(self) -> None:
         """Return once no sequence is running (used by tests and shutdown)."""
         await self._idle.wait()

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from server.engine.threads import run_in_fresh_thread
 from server.errors import ResourceExhaustedError, UnavailableError
 from server.metrics import NULL_OBSERVER, EngineObserver
 from server.models.base import EmbeddingModel
@@ -213,7 +214,7 @@ class EmbedBatcher:
         texts = [row.request.texts[row.index] for row in rows]
         started = time.monotonic()
         try:
-            vectors = await asyncio.to_thread(self._model.encode, texts)
+            vectors = await run_in_fresh_thread(self._model.encode, texts)
         except Exception as exc:
             log.exception("embedding pass of %d prompts failed", len(texts))
             _fail(list({id(row.request): row.request for row in rows}.values()), exc)

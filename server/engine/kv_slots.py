@@ -21,10 +21,10 @@ SDPA attention for prefill passes.
 
 Batch invariance: a request's greedy output must not depend on what else runs, so every
 computation a row goes through gives bit-identical results whatever the other rows are:
-- Linear layers: a BLAS may take another code path for a few rows than for many (MKL on this CPU:
-  1 row, 2-3 rows, 5-7 and 9-11 rows each differ in the last bits from 4, 8 or 12+ rows), so a
-  decode pass pads its rows up to a count whose rows come out as in a large batch
-  (`row_buckets`, measured on the model's own weights when the batch is opened).
+- Linear layers: a BLAS takes other code paths for other row counts, with other last bits, so
+  small passes go through every linear layer in groups of a fixed size, with the operand order
+  that is fastest there (server/engine/invariant_linear.py, measured on the model's own weights
+  when the batch is opened).
 - Attention: PyTorch's fused CPU attention gives a row different last bits depending on the batch
   size and on the thread that computes it, so decode passes use `_attention` (plain matrix
   products and a softmax, per row and head); keys are padded with masked positions up to a
@@ -48,10 +48,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from server.engine.batching import SequenceBatch
+from server.engine.invariant_linear import LinearPlan, choose_plan, install
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KV_BLOCK", "KVSlotCache", "SlotBatch", "row_buckets", "unsupported_reason"]
+__all__ = ["KV_BLOCK", "KVSlotCache", "SlotBatch", "unsupported_reason"]
 
 # Keys are attended over in multiples of this many positions (see "Batch invariance" above).
 KV_BLOCK = 64
@@ -266,49 +267,6 @@ def unsupported_reason(causal_lm: Any) -> str | None:
     return None
 
 
-def row_buckets(causal_lm: torch.nn.Module, max_rows: int) -> list[int]:
-    """buckets[n]: how many rows a decode pass of n sequences runs with (n <= buckets[n]).
-
-    A row count qualifies when every linear layer of the model gives each row bit for bit what it
-    gives that row in a large batch, wherever the row sits. Measured, not assumed: it depends on
-    the BLAS, the CPU and the thread count. Where no count qualifies, n itself is used (greedy
-    output may then differ from a lone run in rare near-ties).
-    """
-    layers: dict[tuple[Any, ...], torch.nn.Linear] = {}
-    for module in causal_lm.modules():
-        if isinstance(module, torch.nn.Linear):
-            weight = module.weight
-            key = (tuple(weight.shape), weight.dtype, weight.device, module.bias is not None)
-            layers.setdefault(key, module)
-    limit = max(2 * max_rows, 16)
-    generator = torch.Generator().manual_seed(0)
-    probes = []
-    with torch.inference_mode():
-        for module in layers.values():
-            x = torch.randn(limit, module.in_features, generator=generator)
-            x = x.to(module.weight.device, module.weight.dtype)
-            probes.append((module, x, module(x)))
-        good: list[int] = []
-        for m in range(1, limit + 1):
-            if all(
-                torch.equal(module(x[:m]), full[:m])
-                and torch.equal(module(x[:m].flip(0)), full[:m].flip(0))
-                for module, x, full in probes
-            ):
-                good.append(m)
-                if m >= max_rows:
-                    break
-    buckets = [0] + [next((m for m in good if m >= n), n) for n in range(1, max_rows + 1)]
-    if not good or good[-1] < max_rows:
-        log.warning(
-            "no batch size up to %d gives batch-invariant linear layers on this machine; greedy "
-            "output may differ in rare near-ties between a lone and a batched run",
-            limit,
-        )
-    log.debug("decode row buckets: %s", buckets[1:])
-    return buckets
-
-
 class SlotBatch(SequenceBatch):
     """Sequences in the slots of a `KVSlotCache`, advanced by batched forward passes."""
 
@@ -330,14 +288,20 @@ class SlotBatch(SequenceBatch):
                     type(causal_lm).__name__,
                 )
         self._cache = KVSlotCache(int(text.num_hidden_layers))
-        self._buckets = row_buckets(causal_lm, max_sequences)
-        # Tokens held by each row; rows past max_sequences only ever pad a pass.
-        self._lengths = [0] * max(self._buckets[-1], max_sequences)
+        self._linear_plan = choose_plan(causal_lm, max_sequences)
+        install(causal_lm, self._linear_plan)
+        # Tokens held by each row.
+        self._lengths = [0] * max_sequences
         self._rows = 0
 
     @property
     def decode_rows(self) -> int:
         return self._rows
+
+    @property
+    def linear_plan(self) -> LinearPlan:
+        """How the linear layers run small passes (server/engine/invariant_linear.py)."""
+        return self._linear_plan
 
     @property
     def cache(self) -> KVSlotCache:
@@ -390,7 +354,7 @@ class SlotBatch(SequenceBatch):
     def decode(self, tokens: Mapping[int, int]) -> Mapping[int, torch.Tensor]:
         if not tokens:
             return {}
-        rows = self._buckets[max(tokens) + 1]
+        rows = max(tokens) + 1
         # Rows without a token (free, or still in prefill) are padding: they write one scratch
         # position at their sequence's end, which that sequence overwrites before it reads it,
         # and they attend to that position only.
@@ -404,7 +368,7 @@ class SlotBatch(SequenceBatch):
         self._cache.plan = _Plan(0, rows, positions, kv_len)
         ids = torch.tensor([[tokens.get(r, 0)] for r in range(rows)], device=self._device)
         logits = self._run(ids, self._mask(visible)[:, None, None, :], positions, decode=True)
-        self._rows = rows
+        self._rows = self._linear_plan.padded(rows)
         for slot in tokens:
             self._lengths[slot] += 1
         return {slot: logits[slot] for slot in tokens}
@@ -415,4 +379,4 @@ class SlotBatch(SequenceBatch):
         if not used:
             self._cache.clear()
             return
-        self._cache.shrink(self._buckets[max(used) + 1], _round_up(max(self._lengths), KV_BLOCK))
+        self._cache.shrink(max(used) + 1, _round_up(max(self._lengths), KV_BLOCK))

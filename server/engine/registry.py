@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
 import time
@@ -14,6 +13,7 @@ from server.config import CHAT_MAX_BATCH_TOKENS, EMBED_MAX_BATCH_TOKENS, ModelSp
 from server.domain import ModelInfo, ModelKind, ModelLimits
 from server.engine.chat import ChatEngine
 from server.engine.embed import EmbedBatcher
+from server.engine.threads import run_in_fresh_thread
 from server.errors import FailedPreconditionError, UnavailableError, unknown_model
 from server.metrics import NULL_OBSERVER, EngineObserver, Metrics
 from server.models.base import ChatModel, EmbeddingModel, Model
@@ -82,9 +82,12 @@ class ModelRegistry:
             spec = entry.spec
             started = time.monotonic()
             try:
-                model = await asyncio.to_thread(self._loader, spec, self._cache_dir)
+                model = await run_in_fresh_thread(self._loader, spec, self._cache_dir)
                 if self._warmup:
-                    await asyncio.to_thread(model.warmup)
+                    await run_in_fresh_thread(model.warmup)
+                if isinstance(model, ChatModel):
+                    entry.chat = self._chat_engine(spec, model)
+                    await entry.chat.start()
             except Exception as exc:
                 entry.state = LoadState.FAILED
                 entry.error = f"{type(exc).__name__}: {exc}"
@@ -95,16 +98,7 @@ class ModelRegistry:
                     ) from exc
                 continue
             entry.model = model
-            if isinstance(model, ChatModel):
-                entry.chat = ChatEngine(
-                    model,
-                    max_concurrent=spec.max_concurrent,
-                    max_waiting=spec.max_waiting,
-                    max_new_tokens=spec.max_new_tokens,
-                    max_batch_tokens=spec.max_batch_tokens or CHAT_MAX_BATCH_TOKENS,
-                    observer=self.observer(spec.id),
-                )
-            elif isinstance(model, EmbeddingModel):
+            if isinstance(model, EmbeddingModel):
                 entry.embed = EmbedBatcher(
                     model,
                     max_batch_size=spec.batch_size,
@@ -117,6 +111,16 @@ class ModelRegistry:
             entry.created = int(time.time())
             entry.state = LoadState.READY
             log.info("model %s ready in %.1f s", spec.id, time.monotonic() - started)
+
+    def _chat_engine(self, spec: ModelSpec, model: ChatModel) -> ChatEngine:
+        return ChatEngine(
+            model,
+            max_concurrent=spec.max_concurrent,
+            max_waiting=spec.max_waiting,
+            max_new_tokens=spec.max_new_tokens,
+            max_batch_tokens=spec.max_batch_tokens or CHAT_MAX_BATCH_TOKENS,
+            observer=self.observer(spec.id),
+        )
 
     def observer(self, model_id: str) -> EngineObserver:
         """The hooks the engine of `model_id` reports its forward passes through (metrics)."""

@@ -178,6 +178,8 @@ class Scheduler:
             ),
             0,
         )
+        # Set once the thread has opened the batch (or failed to); see wait_open.
+        self._opened = threading.Event()
         self._thread = threading.Thread(
             target=self._main, name=f"chat-scheduler-{id(self):x}", daemon=True
         )
@@ -194,6 +196,17 @@ class Scheduler:
                 return
         items: list[tuple[Job, Item | None]] = [(job, self._ended or _shutting_down()), (job, None)]
         job.loop.call_soon_threadsafe(_deliver, items)
+
+    def wait_open(self) -> None:
+        """Block until the batch is open; raise why it could not be opened.
+
+        Opening measures how the model's linear layers run fastest (a second or two on a CPU),
+        so the caller waits for it before reporting the model ready: measured while other
+        models load or requests run, the choice would be skewed.
+        """
+        self._opened.wait()
+        if self._batch is None:
+            raise self._ended or RuntimeError("the chat scheduler stopped before it opened")
 
     def stop(self) -> None:
         """Stop after the current step; sequences still running fail with UNAVAILABLE."""
@@ -227,6 +240,8 @@ class Scheduler:
             log.exception("the chat scheduler could not start")
             self._fail_everything(exc)
             return
+        finally:
+            self._opened.set()
         try:
             while self._wait_for_work():
                 self._step()
