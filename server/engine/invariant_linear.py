@@ -4,20 +4,21 @@ A decode pass multiplies every linear layer's weight by a handful of rows, one p
 sequence. Two facts about BLAS libraries shape how that is done here:
 
 - Invariance. A BLAS takes other code paths for other row counts, and the paths differ in the
-  last bits (MKL on a 2-core x86 machine: 1 row, 2-3 rows, 5-7 rows each give a row other bits
-  than 4 or 8 rows do). A request's greedy output must not depend on what else runs, so a pass
-  is cut into *groups* of a fixed number of rows, the last one padded with zero rows, and the
-  kernel is called once per group. A group size qualifies when a row's result in a group does not
-  depend on its place in the group or on the other rows (probed on the model's own weights); one
-  row per group always qualifies.
+  last bits (MKL on a 2-core x86 machine: 2-3 rows and 5-7 rows each give a row other bits than
+  1, 4 or 8 rows do). A request's greedy output must not depend on what else runs, so a pass is
+  cut into kernel *calls* whose sizes all come from one *class*: sizes at which a row's result
+  does not depend on its place in the call, on the other rows, or on which size of the class
+  computed it (probed on the model's own weights). The last call is padded with zero rows. One
+  row per call is always such a class.
 - Speed. The operand order matters more than the row count: for 2-8 rows, MKL computes
-  `weight @ x.T` (the weight as the left operand) at close to memory bandwidth, 2-3x faster than
+  `weight @ x.T` (the weight as the left operand) close to memory bandwidth, 2-3x faster than
   `x @ weight.T` (what `torch.nn.functional.linear` calls), whose small-row path re-packs the
-  weight on every call. Both orders are candidates; the fastest qualifying (kernel, group) on
-  the average pass of 1..max_rows rows is kept. Measured, not assumed: it depends on the BLAS, the
-  CPU, the thread count and the device.
+  weight on every call; and the best call size differs per weight shape (MKL: 4 rows for the
+  49152-wide output layer, 8 for the others when 8 rows run). So each distinct weight shape gets
+  the (operand order, class) whose calls are fastest on the average pass of 1..max_rows rows.
+  Measured, not assumed: it depends on the BLAS, the CPU, the thread count and the device.
 
-Passes of more rows than the plan covers (prompt chunks) call the layer as it is: they run one
+Passes of more rows than a plan covers (prompt chunks) call the layer as it is: they run one
 sequence alone, so they need no invariance, and large GEMMs are fast either way.
 """
 
@@ -33,10 +34,12 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KERNELS", "LinearPlan", "choose_plan", "install"]
+__all__ = ["KERNELS", "LinearPlan", "ShapeKey", "choose_plans", "install", "shape_key"]
 
 # (weight (out, in), x (rows, in)) -> (rows, out).
 Kernel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# What layers share a plan: (weight shape, dtype, device).
+ShapeKey = tuple[tuple[int, ...], torch.dtype, torch.device]
 
 
 def _input_first(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -50,25 +53,37 @@ def _weight_first(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 KERNELS: dict[str, Kernel] = {"input_first": _input_first, "weight_first": _weight_first}
 
 
+def shape_key(module: torch.nn.Linear) -> ShapeKey:
+    """The key of the plan `module` follows."""
+    weight = module.weight
+    return (tuple(weight.shape), weight.dtype, weight.device)
+
+
 @dataclass(frozen=True, slots=True)
 class LinearPlan:
-    """How passes of up to `max_rows` rows go through every linear layer of a model."""
+    """How passes of up to `max_rows` rows go through the linear layers of one weight shape."""
 
     kernel: str
-    # Rows per kernel call; a pass is padded with zero rows to a multiple of it.
-    group: int
-    # Passes of more rows call the layer as it is.
-    max_rows: int
+    # calls[n]: the row counts of the kernel calls a pass of n rows is cut into (calls[0] = ()).
+    calls: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def uniform(cls, kernel: str, size: int, max_rows: int) -> LinearPlan:
+        """Calls of `size` rows only, for passes of up to max_rows rows."""
+        return cls(kernel, tuple((size,) * -(-n // size) for n in range(max_rows + 1)))
+
+    @property
+    def max_rows(self) -> int:
+        """Passes of more rows call the layer as it is."""
+        return len(self.calls) - 1
 
     def padded(self, rows: int) -> int:
         """The rows a pass of `rows` rows computes, padding included."""
-        if rows > self.max_rows:
-            return rows
-        return -(-rows // self.group) * self.group
+        return sum(self.calls[rows]) if rows <= self.max_rows else rows
 
     def apply(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """`x (rows, in) @ weight.T`, computed group by group (rows <= max_rows)."""
-        rows, group = x.shape[0], self.group
+        """`x (rows, in) @ weight.T`, computed call by call (rows <= max_rows)."""
+        rows = x.shape[0]
         padded = self.padded(rows)
         # Operands and results are always laid out row-major: a BLAS takes another code path
         # (other last bits) for a transposed or strided operand, and so may the ops after it.
@@ -77,9 +92,13 @@ class LinearPlan:
         else:
             x = x.contiguous()
         kernel = KERNELS[self.kernel]
-        if padded == group:
+        sizes = self.calls[rows]
+        if len(sizes) == 1:
             return kernel(weight, x).contiguous()[:rows]
-        parts = [kernel(weight, x[i : i + group]) for i in range(0, padded, group)]
+        parts, at = [], 0
+        for size in sizes:
+            parts.append(kernel(weight, x[at : at + size]))
+            at += size
         return torch.cat(parts)[:rows]
 
 
@@ -98,17 +117,20 @@ def _forward(plan: LinearPlan, module: torch.nn.Linear) -> Callable[[torch.Tenso
     return forward
 
 
-def install(causal_lm: torch.nn.Module, plan: LinearPlan) -> int:
-    """Route every `torch.nn.Linear` of `causal_lm` through `plan`; returns how many.
+def install(causal_lm: torch.nn.Module, plans: dict[ShapeKey, LinearPlan]) -> int:
+    """Route every `torch.nn.Linear` of `causal_lm` through its shape's plan; returns how many.
 
     A module that accelerate dispatched over several devices calls `_old_forward` from a hook
     that moves its inputs, so that is what gets replaced there, keeping the hook.
     """
     count = 0
     for module in _linears(causal_lm):
-        forward = _forward(plan, module)
+        plan = plans.get(shape_key(module))
+        if plan is None:
+            continue
         # setattr: nn.Module's typing knows neither attribute as a plain callable.
-        setattr(module, "_old_forward" if hasattr(module, "_old_forward") else "forward", forward)
+        name = "_old_forward" if hasattr(module, "_old_forward") else "forward"
+        setattr(module, name, _forward(plan, module))
         count += 1
     return count
 
@@ -117,28 +139,55 @@ def _linears(causal_lm: torch.nn.Module) -> Iterable[torch.nn.Linear]:
     return (m for m in causal_lm.modules() if isinstance(m, torch.nn.Linear))
 
 
-def _group_sizes(max_rows: int) -> list[int]:
-    """1, 2, 4, ... up to the first power of two >= max_rows."""
-    sizes = [1]
+def _call_sizes(max_rows: int) -> list[int]:
+    """1..8, then powers of two up to the first one >= max_rows."""
+    sizes = list(range(1, min(max_rows, 8) + 1))
     while sizes[-1] < max_rows:
         sizes.append(sizes[-1] * 2)
     return sizes
 
 
-def _qualifies(kernel: Kernel, group: int, probes: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
-    """Whether a row's result in a `group`-row call ignores its place and its neighbours."""
-    if group == 1:
-        return True
-    for weight, x in probes:
-        rows = x[:group]
-        full = kernel(weight, rows)
-        if not torch.equal(kernel(weight, rows.flip(0)), full.flip(0)):
-            return False
+def _row_bits(kernel: Kernel, size: int, weight: torch.Tensor, x: torch.Tensor) -> bytes | None:
+    """Row 0's result bytes in a `size`-row call, or None where the call is not invariant.
+
+    Invariant: a row's result ignores its place in the call (reversed rows give reversed
+    results) and the other rows (replaced, row 0 is unchanged).
+    """
+    rows = x[:size].contiguous()
+    full = kernel(weight, rows).contiguous()
+    if size > 1:
+        if not torch.equal(kernel(weight, rows.flip(0).contiguous()), full.flip(0)):
+            return None
         others = rows.clone()
-        others[1:] = x[group : 2 * group - 1]
+        others[1:] = x[size : 2 * size - 1]
         if not torch.equal(kernel(weight, others)[0], full[0]):
-            return False
-    return True
+            return None
+    return bytes(full[0].cpu().numpy().tobytes())
+
+
+def _classes(
+    kernel: Kernel, sizes: list[int], probe: tuple[torch.Tensor, torch.Tensor]
+) -> list[list[int]]:
+    """The invariant call sizes of `kernel`, grouped by the bits they give a row."""
+    by_bits: dict[bytes, list[int]] = {}
+    for size in sizes:
+        bits = _row_bits(kernel, size, *probe)
+        if bits is not None:
+            by_bits.setdefault(bits, []).append(size)
+    return list(by_bits.values())
+
+
+def _best_calls(seconds: dict[int, float], max_rows: int) -> tuple[tuple[int, ...], ...]:
+    """calls[n]: the cheapest call sizes covering n rows (dynamic programming over n)."""
+    cost = [0.0] + [float("inf")] * max_rows
+    nothing: tuple[int, ...] = ()
+    calls = [nothing] * (max_rows + 1)
+    for n in range(1, max_rows + 1):
+        for size, s in seconds.items():
+            c = s + cost[max(0, n - size)]
+            if c < cost[n]:
+                cost[n], calls[n] = c, (size, *calls[max(0, n - size)])
+    return tuple(calls)
 
 
 def _sync(devices: set[torch.device]) -> None:
@@ -147,86 +196,59 @@ def _sync(devices: set[torch.device]) -> None:
             torch.cuda.synchronize(device)
 
 
-def _pass_seconds(
-    kernel: Kernel,
-    layers: list[torch.nn.Linear],
-    inputs: dict[tuple[object, ...], torch.Tensor],
-    devices: set[torch.device],
-) -> float:
-    """Seconds for one call of every layer on its (group, in_features) input."""
+def _seconds(kernel: Kernel, layers: list[torch.nn.Linear], x: torch.Tensor) -> float:
+    """Seconds for one call of every layer in `layers` on `x`."""
+    devices = {m.weight.device for m in layers}
     _sync(devices)
     started = time.perf_counter()
     for m in layers:
-        kernel(m.weight, inputs[_input_key(m)])
+        kernel(m.weight, x)
     _sync(devices)
     return time.perf_counter() - started
 
 
-def _input_key(m: torch.nn.Linear) -> tuple[object, ...]:
-    return (m.in_features, m.weight.device, m.weight.dtype)
-
-
 @torch.inference_mode()
-def choose_plan(causal_lm: torch.nn.Module, max_rows: int) -> LinearPlan:
-    """The fastest batch-invariant way to run passes of 1..max_rows rows (see the module doc)."""
-    layers = list(_linears(causal_lm))
-    devices = {m.weight.device for m in layers}
+def choose_plans(causal_lm: torch.nn.Module, max_rows: int) -> dict[ShapeKey, LinearPlan]:
+    """The fastest batch-invariant plan per weight shape for passes of 1..max_rows rows."""
+    by_shape: dict[ShapeKey, list[torch.nn.Linear]] = {}
+    for m in _linears(causal_lm):
+        by_shape.setdefault(shape_key(m), []).append(m)
+    sizes = _call_sizes(max_rows)
     generator = torch.Generator().manual_seed(0)
-    distinct: dict[tuple[object, ...], torch.nn.Linear] = {}
-    for m in layers:
-        distinct.setdefault((tuple(m.weight.shape), m.weight.dtype, m.weight.device), m)
-    sizes = _group_sizes(max_rows)
-    probes = [
-        (
-            m.weight,
-            torch.randn(2 * sizes[-1], m.in_features, generator=generator).to(
-                m.weight.device, m.weight.dtype
-            ),
-        )
-        for m in distinct.values()
-    ]
-    candidates = [
-        (name, group)
-        for name in KERNELS
-        for group in sizes
-        if _qualifies(KERNELS[name], group, probes)
-    ]
-    inputs = {
-        group: {
-            _input_key(m): torch.randn(group, m.in_features, generator=generator).to(
-                m.weight.device, m.weight.dtype
+    plans: dict[ShapeKey, LinearPlan] = {}
+    summary: list[str] = []
+    for key, layers in by_shape.items():
+        weight = layers[0].weight
+        x = torch.randn(2 * sizes[-1], weight.shape[1], generator=generator)
+        x = x.to(weight.device, weight.dtype)
+        candidates = [
+            (name, cls)
+            for name, kernel in KERNELS.items()
+            for cls in _classes(kernel, sizes, (weight, x))
+        ]
+        timed = {(name, size) for name, cls in candidates for size in cls}
+        # A warm-up round, then the best of two interleaved rounds: another process's burst of
+        # load slows one round of every candidate rather than every round of one.
+        seconds = dict.fromkeys(timed, float("inf"))
+        for round_ in range(3):
+            for name, size in timed:
+                s = _seconds(KERNELS[name], layers, x[:size].contiguous())
+                if round_:
+                    seconds[(name, size)] = min(seconds[(name, size)], s)
+        best: tuple[float, LinearPlan] | None = None
+        for name, cls in candidates:
+            calls = _best_calls({size: seconds[(name, size)] for size in cls}, max_rows)
+            average = sum(
+                sum(seconds[(name, size)] for size in calls[n]) for n in range(1, max_rows + 1)
             )
-            for m in layers
-        }
-        for group in sizes
-    }
-
-    def average_pass(group: int, seconds: float) -> float:
-        # The average pass of 1..max_rows rows takes ceil(rows / group) calls.
-        return seconds * sum(-(-rows // group) for rows in range(1, max_rows + 1)) / max_rows
-
-    # A first round warms every candidate up and drops those far behind; the best of two more
-    # interleaved rounds decides (another process's burst of load then slows one round of every
-    # candidate rather than every round of one).
-    costs = {
-        (name, group): average_pass(
-            group, _pass_seconds(KERNELS[name], layers, inputs[group], devices)
+            average /= max_rows
+            if best is None or average < best[0]:
+                best = (average, LinearPlan(name, calls))
+        assert best is not None  # one row per call always qualifies
+        plans[key] = best[1]
+        summary.append(
+            f"{key[0]} x{len(layers)}: {best[1].kernel} calls {best[1].calls[1:]} "
+            f"({best[0] * 1000:.1f} ms per average pass)"
         )
-        for name, group in candidates
-    }
-    fastest = min(costs.values())
-    costs = {c: float("inf") for c, cost in costs.items() if cost <= 2 * fastest}
-    for _ in range(2):
-        for name, group in costs:
-            seconds = _pass_seconds(KERNELS[name], layers, inputs[group], devices)
-            costs[(name, group)] = min(costs[(name, group)], average_pass(group, seconds))
-    (name, group), cost = min(costs.items(), key=lambda item: item[1])
-    plan = LinearPlan(kernel=name, group=group, max_rows=-(-max_rows // group) * group)
-    log.info(
-        "decode linear layers: %s in groups of %d rows (%.1f ms for an average pass; %s)",
-        name,
-        group,
-        cost * 1000,
-        ", ".join(f"{n}/{g} {c * 1000:.1f}" for (n, g), c in sorted(costs.items())),
-    )
-    return plan
+    log.info("decode linear layers: %s", "; ".join(summary))
+    return plans

@@ -48,7 +48,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from server.engine.batching import SequenceBatch
-from server.engine.invariant_linear import LinearPlan, choose_plan, install
+from server.engine.invariant_linear import LinearPlan, ShapeKey, choose_plans, install
 
 log = logging.getLogger(__name__)
 
@@ -288,8 +288,8 @@ class SlotBatch(SequenceBatch):
                     type(causal_lm).__name__,
                 )
         self._cache = KVSlotCache(int(text.num_hidden_layers))
-        self._linear_plan = choose_plan(causal_lm, max_sequences)
-        install(causal_lm, self._linear_plan)
+        self._linear_plans = choose_plans(causal_lm, max_sequences)
+        install(causal_lm, self._linear_plans)
         # Tokens held by each row.
         self._lengths = [0] * max_sequences
         self._rows = 0
@@ -299,9 +299,9 @@ class SlotBatch(SequenceBatch):
         return self._rows
 
     @property
-    def linear_plan(self) -> LinearPlan:
+    def linear_plans(self) -> dict[ShapeKey, LinearPlan]:
         """How the linear layers run small passes (server/engine/invariant_linear.py)."""
-        return self._linear_plan
+        return self._linear_plans
 
     @property
     def cache(self) -> KVSlotCache:
@@ -368,7 +368,7 @@ class SlotBatch(SequenceBatch):
         self._cache.plan = _Plan(0, rows, positions, kv_len)
         ids = torch.tensor([[tokens.get(r, 0)] for r in range(rows)], device=self._device)
         logits = self._run(ids, self._mask(visible)[:, None, None, :], positions, decode=True)
-        self._rows = self._linear_plan.padded(rows)
+        self._rows = rows
         for slot in tokens:
             self._lengths[slot] += 1
         return {slot: logits[slot] for slot in tokens}

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine.invariant_linear import KERNELS, LinearPlan, _qualifies, choose_plan, install
+from server.engine.invariant_linear import (
+    KERNELS,
+    LinearPlan,
+    _best_calls,
+    _classes,
+    choose_plans,
+    install,
+    shape_key,
+)
 
 
 def model(*shapes: tuple[int, int], bias: bool = False) -> torch.nn.Sequential:
@@ -19,7 +27,7 @@ def model(*shapes: tuple[int, int], bias: bool = False) -> torch.nn.Sequential:
 @pytest.mark.parametrize("group", [1, 2, 4])
 def test_plans_compute_the_linear_layer(kernel: str, group: int) -> None:
     layer = torch.nn.Linear(48, 80)
-    plan = LinearPlan(kernel=kernel, group=group, max_rows=8)
+    plan = LinearPlan.uniform(kernel, group, max_rows=8)
     x = torch.randn(8, 48)
     with torch.inference_mode():
         for rows in range(1, 9):
@@ -31,13 +39,13 @@ def test_plans_compute_the_linear_layer(kernel: str, group: int) -> None:
 
 def test_installed_layers_keep_shapes_and_values_and_leave_large_passes_alone() -> None:
     net = model((32, 64), (64, 16), bias=True)
-    plan = LinearPlan(kernel="weight_first", group=4, max_rows=8)
+    plan = LinearPlan.uniform("weight_first", 4, max_rows=8)
     x = torch.randn(3, 1, 32)
     with torch.inference_mode():
         expected = net(x)
         big = torch.randn(20, 32)
         expected_big = net(big)
-        assert install(net, plan) == 2
+        assert install(net, {shape_key(m): plan for m in net}) == 2
         torch.testing.assert_close(net(x), expected)
         assert net(x).shape == (3, 1, 16)
         # 20 rows is past max_rows: the layer runs as it is, bit for bit.
@@ -55,7 +63,7 @@ def test_a_dispatched_module_keeps_its_hook() -> None:
 
     layer._old_forward = original  # type: ignore[assignment]
     layer.forward = hook  # type: ignore[method-assign]
-    install(layer, LinearPlan(kernel="weight_first", group=2, max_rows=4))
+    install(layer, {shape_key(layer): LinearPlan.uniform("weight_first", 2, max_rows=4)})
     with torch.inference_mode():
         torch.testing.assert_close(layer(torch.ones(1, 8)), original(torch.ones(1, 8)))
     assert calls == [1]
@@ -65,8 +73,7 @@ def test_a_dispatched_module_keeps_its_hook() -> None:
 def test_the_chosen_plan_gives_each_row_the_same_bits_in_any_pass() -> None:
     """Sizes like the embedded model's layers; a row alone and among 1..7 others, anywhere."""
     net = model((576, 1536), (1536, 576), (576, 2048))
-    plan = choose_plan(net, max_rows=8)
-    install(net, plan)
+    install(net, choose_plans(net, max_rows=8))
     generator = torch.Generator().manual_seed(1)
     probe = torch.randn(576, generator=generator)
     with torch.inference_mode():
@@ -82,7 +89,28 @@ def test_a_kernel_whose_rows_depend_on_each_other_does_not_qualify() -> None:
     def leaky(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x + 1e-3 * x.mean(0), weight)
 
-    probes = [(torch.randn(16, 8), torch.randn(8, 8))]
-    assert not _qualifies(leaky, 2, probes)
-    assert _qualifies(leaky, 1, probes)  # one row per call has no neighbours to depend on
-    assert _qualifies(KERNELS["input_first"], 1, probes)
+    probe = (torch.randn(16, 8), torch.randn(8, 8))
+    # One row per call has no neighbours to depend on: the only class left.
+    assert _classes(leaky, [1, 2, 3, 4], probe) == [[1]]
+
+
+def test_sizes_that_give_other_bits_fall_into_other_classes() -> None:
+    def by_parity(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # Odd and even call sizes give other last bits, as two BLAS code paths would.
+        out = torch.nn.functional.linear(x, weight)
+        return out if x.shape[0] % 2 == 0 else out + 0.5
+
+    # Small integers: every summation order gives the same exact sums, whatever the BLAS does.
+    probe = (torch.randint(-3, 4, (16, 8)).float(), torch.randint(-3, 4, (8, 8)).float())
+    classes = _classes(by_parity, [1, 2, 3, 4], probe)
+    assert sorted(classes) == [[1, 3], [2, 4]]
+
+
+def test_passes_are_cut_into_the_cheapest_calls() -> None:
+    # As with a BLAS: one row costs more than four, eight less than two calls of four.
+    calls = _best_calls({1: 1.2, 4: 1.1, 8: 1.5}, max_rows=12)
+    assert calls[1] == (4,)
+    assert calls[4] == (4,)
+    assert calls[5] == (8,)
+    assert sorted(calls[9]) == sorted(calls[12]) == [4, 8]
+    assert LinearPlan("weight_first", calls).padded(5) == 8
