@@ -20,8 +20,8 @@ ROUNDS = 10
 CHAT_TOK_S_RATIO_TARGET = Target(">=", 0.9)
 # server time to first token minus in-process prefill + first token, in ms
 CHAT_ADDED_TTFT_MS_TARGET = Target("<", 20.0)
-# server sentences/s / in-process encode at batch 32 sentences/s
-EMBED_RATIO_TARGET = Target(">=", 0.7)
+# server sentences/s / in-process encode of the same rounds of 32 (issue 5: 0.9; issue 2: 0.7)
+EMBED_RATIO_TARGET = Target(">=", 0.9)
 
 # Concurrent streams (bench/streams.py): eight prompts that SmolLM2-135M-Instruct does not finish
 # within 128 greedy tokens (checked: every one ends with finish_reason "length"), so every

@@ -64,7 +64,7 @@ class ModelSpec:
     max_waiting: int = 64
     # Embedding batching: the most prompts per forward pass, and how long a batch waits to fill.
     batch_size: int = 32
-    batch_wait_ms: float = 2.0
+    batch_wait_ms: float = 10.0
     # The token budget of one forward pass; None takes the kind's default (embedding: prompts are
     # packed into passes of at most this many tokens, padding included; EMBED_MAX_BATCH_TOKENS).
     # Chat: the tokens of one scheduler step, one per running sequence plus a prompt chunk of the

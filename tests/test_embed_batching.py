@@ -328,3 +328,25 @@ async def test_stop_answers_waiting_callers_and_refuses_new_ones(
             await asyncio.wait_for(task, 10)
     with pytest.raises(UnavailableError):
         await batcher.embed((sentence(5),))
+
+
+async def test_a_burst_shares_one_pass_and_a_pause_ends_the_wait(
+    model: EmbeddingModel, recorder: PassRecorder
+) -> None:
+    """Requests arriving one after another join one pass; a lone one never waits long."""
+    # A long limit: only the burst's end (a pause of IDLE_S) can start the passes here.
+    batcher = await running(make_batcher(model, recorder, max_wait_s=60.0))
+    try:
+
+        async def trickle(i: int) -> tuple[np.ndarray, int]:
+            for _ in range(3 * i):  # each arrives some event-loop turns after the one before
+                await asyncio.sleep(0)
+            return await batcher.embed((sentence(5, shift=i),))
+
+        burst = await asyncio.wait_for(asyncio.gather(*(trickle(i) for i in range(8))), 30)
+        assert [p.sequences for p in recorder.passes] == [8]
+        lone = await asyncio.wait_for(batcher.embed((sentence(6),)), 30)
+    finally:
+        await batcher.stop()
+    assert [p.sequences for p in recorder.passes] == [8, 1]
+    assert len(burst) == 8 and lone[0].shape == (1, model.dimensions)

@@ -1,7 +1,11 @@
 """Token-budget batching of Embed calls: concurrent requests share forward passes.
 
-One worker task per embedding model. It takes the first waiting request, waits up to `max_wait_s`
-for more (until `max_batch_size` prompts wait), then takes every waiting request as one round:
+One worker task per embedding model. It takes the first waiting request and waits for more while
+they keep coming: until `max_batch_size` prompts wait, or no new request arrived for `IDLE_S`, or
+`max_wait_s` passed since the first. Concurrent clients' calls reach the event loop one by one,
+a fraction of a millisecond apart, so a burst of 32 takes several milliseconds to arrive; a fixed
+short wait cut it into two passes, and a fixed long one would delay every lone request. Then it
+takes every waiting request as one round:
 
 1. It counts the tokens of the round's prompts (after truncation to the model's max_input_tokens,
    as the model will see them), in one tokenizer call on a worker thread.
@@ -37,6 +41,9 @@ from server.metrics import NULL_OBSERVER, EngineObserver
 from server.models.base import EmbeddingModel
 
 log = logging.getLogger(__name__)
+
+# A pause this long between arrivals ends a burst: the round starts without waiting further.
+IDLE_S = 0.001
 
 
 @dataclass(slots=True, eq=False)
@@ -178,12 +185,17 @@ class EmbedBatcher:
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            # Give concurrent callers a moment to join this round, unless a pass is already full.
+            # Let a burst of concurrent calls join this round (see the module docstring).
             deadline = time.monotonic() + self._max_wait_s
-            while self._queued_live() < self._max_batch and time.monotonic() < deadline:
+            while self._queued_live() < self._max_batch:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
                 self._wakeup.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), deadline - time.monotonic())
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), min(left, IDLE_S))
+                except TimeoutError:
+                    break
             self._round = self._take_round()
             try:
                 if self._round:
