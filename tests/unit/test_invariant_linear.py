@@ -114,3 +114,13 @@ def test_passes_are_cut_into_the_cheapest_calls() -> None:
     assert calls[5] == (8,)
     assert sorted(calls[9]) == sorted(calls[12]) == [4, 8]
     assert LinearPlan("weight_first", calls).padded(5) == 8
+
+
+def test_large_passes_run_in_one_call_of_their_own_kernel() -> None:
+    net = model((32, 48), bias=True)
+    big = torch.randn(2, 10, 32)  # 20 rows, past max_rows
+    with torch.inference_mode():
+        expected = net(big)
+        install(net, {shape_key(net[0]): LinearPlan.uniform("weight_first", 4, 8, "weight_first")})
+        torch.testing.assert_close(net(big), expected)
+        assert net(big).is_contiguous()
