@@ -349,4 +349,5 @@ async def test_a_burst_shares_one_pass_and_a_pause_ends_the_wait(
     finally:
         await batcher.stop()
     assert [p.sequences for p in recorder.passes] == [8, 1]
-    assert len(burst) == 8 and lone[0].shape == (1, model.dimensions)
+    assert len(burst) == 8
+    assert lone[0].shape == (1, model.dimensions)
