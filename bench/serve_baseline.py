@@ -22,12 +22,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
+from typing import IO
 
 import psutil
 
-from bench.server_process import PROJECT_ROOT, free_port, read_vm_hwm
+from bench.server_process import PROJECT_ROOT, ChildProcess, free_port, read_vm_hwm
 
 
 class BaselineError(RuntimeError):
@@ -49,7 +48,7 @@ def tree_peak_rss_bytes(pid: int) -> int | None:
     return sum(known) if known else None
 
 
-class TransformersServe:
+class TransformersServe(ChildProcess):
     """One ``transformers serve`` child in its own process group; always stopped on exit.
 
     `num_blocks` and `max_batch_tokens` size its continuous-batching cache explicitly (see the
@@ -193,15 +192,3 @@ class TransformersServe:
         if self._log is not None:
             self._log.close()
         return self.exit_code
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()

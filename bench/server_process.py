@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -82,7 +83,31 @@ class _RssSampler(threading.Thread):
         self._stop.set()
 
 
-class ServerProcess:
+class ChildProcess(ABC):
+    """A benchmarked child process; `with` starts it and always stops it."""
+
+    @abstractmethod
+    def start(self) -> None:
+        """Start the process (without waiting for it to be ready)."""
+
+    @abstractmethod
+    def stop(self) -> int | None:
+        """Stop the process; its exit status (None if it never started)."""
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class ServerProcess(ChildProcess):
     """One ``python -m server`` child. Use as a context manager: it is always stopped on exit.
 
     Its log goes to a temporary file rather than a pipe: nobody reads a pipe while the benchmark
@@ -203,15 +228,3 @@ class ServerProcess:
         if self._log is not None:
             self._log.close()
         return self.exit_code
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
