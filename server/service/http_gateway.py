@@ -2,7 +2,8 @@
 
 Each handler parses its dialect's JSON into a typed glm.v1 request, runs it through GlmService's
 transport-free methods, and renders the typed responses as the bytes its clients expect. The HTTP
-status goes in the STATUS_HEADER response header, which Envoy moves to the status line.
+status goes in the STATUS_HEADER response header, which Envoy moves to the status line; a unary
+reply with status 200 goes without it (Envoy's status is 200 already).
 Errors before the first byte become a JSON error with their status; errors in the middle of a
 stream become an in-band error event, since the 200 status line is already on the wire.
 """
@@ -37,6 +38,7 @@ from server.service.json_api.common import (
 log = logging.getLogger(__name__)
 
 STATUS_HEADER = "x-glm-http-status"
+HTTP_OK = 200
 Context = grpc.aio.ServicerContext[Any, Any]
 ChunkRenderer = Callable[[pb.ChatResponse], list[bytes]]
 
@@ -67,6 +69,16 @@ class HttpGatewayService(gw_grpc.HttpGatewayServiceServicer):
         await context.send_initial_metadata(((STATUS_HEADER, str(reply.status)),))
         return HttpBody(content_type=reply.content_type, data=reply.body)
 
+    @staticmethod
+    async def _send_unary(context: Context, reply: HttpReply) -> HttpBody:
+        # Initial metadata sent on its own is one more write and one more completion to wait for
+        # before the reply leaves (about 0.1 ms a call, measured); left unsent, it goes out with
+        # the reply. A 200 needs no header: the transcoder answers 200, and Envoy's Lua filter
+        # drops the gRPC headers of a successful unary JSON reply (envoy/envoy.yaml.tmpl).
+        if reply.status != HTTP_OK:
+            await context.send_initial_metadata(((STATUS_HEADER, str(reply.status)),))
+        return HttpBody(content_type=reply.content_type, data=reply.body)
+
     async def _unary(
         self, context: Context, route: str, work: Callable[[], Awaitable[HttpReply]]
     ) -> HttpBody:
@@ -76,7 +88,7 @@ class HttpGatewayService(gw_grpc.HttpGatewayServiceServicer):
             reply = error_reply(_failed(exc))
         except Exception as exc:
             reply = error_reply(_failed(_internal(exc, route)))
-        return await self._send(context, reply)
+        return await self._send_unary(context, reply)
 
     async def _chat(
         self,

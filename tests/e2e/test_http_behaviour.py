@@ -7,9 +7,10 @@ import json
 import time
 import urllib.request
 
+import grpc
 import pytest
 
-from clients import GlmClient
+from clients import GlmClient, GlmClientError
 from tests.e2e.conftest import ALLOWED_ORIGIN, Gateway, http_status, post
 
 LONG_STORY = {
@@ -186,3 +187,67 @@ def test_native_grpc_through_envoy_and_direct(gateway: Gateway) -> None:
             answers.append(result.text)
     assert answers[0] == answers[1]
     assert "Paris" in answers[0]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "content_type"),
+    [
+        ("POST", "/tokenize", b'{"prompt": "hi"}', 200, "application/json"),
+        ("POST", "/embedding", b'{"prompt": ["hi"]}', 200, "application/json"),
+        ("GET", "/models", None, 200, "application/json"),
+        ("POST", "/v1/embeddings", b'{"input": "hi"}', 200, "application/json"),
+        ("GET", "/v1/models", None, 200, "application/json"),
+        ("POST", "/tokenize", b'{"prompt": 5}', 400, "application/json"),
+        ("POST", "/tokenize", b'{"prompt": "hi", "model": "gpt-9"}', 404, "application/json"),
+        (
+            "POST",
+            "/chat",
+            b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}',
+            200,
+            "text/event-stream",
+        ),
+        (
+            "POST",
+            "/chat",
+            b'{"stream": false, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}',
+            200,
+            "application/json",
+        ),
+        (
+            "POST",
+            "/chat",
+            b'{"messages": [{"role": "robot", "content": "hi"}]}',
+            400,
+            "application/json",
+        ),
+    ],
+)
+def test_json_replies_carry_no_grpc_headers(
+    gateway: Gateway,
+    method: str,
+    path: str,
+    body: bytes | None,
+    status: int,
+    content_type: str,
+) -> None:
+    # A unary 200 reply leaves the server without the status header (Envoy's Lua filter
+    # recognizes it by its OK gRPC status instead): JSON clients see the same headers either way.
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.http_port, timeout=60)
+    try:
+        conn.request(method, path, body=body, headers={"content-type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+    finally:
+        conn.close()
+    assert response.status == status
+    names = {name.lower() for name, _ in response.getheaders()}
+    assert not {n for n in names if n.startswith(("grpc-", "x-glm-"))}, response.getheaders()
+    assert response.getheader("content-type") == content_type
+
+
+def test_native_grpc_errors_through_envoy_keep_their_status(gateway: Gateway) -> None:
+    # The Lua filter leaves gRPC replies alone, errors included.
+    with GlmClient(gateway.grpc_via_envoy) as client, pytest.raises(GlmClientError) as raised:
+        client.tokenize("hi", model="gpt-9")
+    assert raised.value.code is grpc.StatusCode.NOT_FOUND
+    assert "gpt-9" in str(raised.value)

@@ -16,7 +16,7 @@ from google.protobuf import json_format
 
 from glm.v1 import glm_service_pb2 as pb
 from server.errors import InvalidArgumentError
-from server.service.json_api.common import parse_object, usage_object
+from server.service.json_api.common import FloatList, parse_object, usage_object
 
 # OpenAI's role names onto glm.v1's ("tool" results are ChatGLM3's "observation").
 _ROLES = {
@@ -318,7 +318,7 @@ def embeddings(response: pb.EmbedResponse, encoding: str) -> dict[str, Any]:
         if encoding == "base64":
             vector = base64.b64encode(np.asarray(e.values, dtype="<f4").tobytes()).decode()
         else:
-            vector = list(e.values)
+            vector = FloatList(e.values)
         data.append({"object": "embedding", "index": e.index, "embedding": vector})
     return {
         "object": "list",

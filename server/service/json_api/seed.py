@@ -10,7 +10,17 @@ from __future__ import annotations
 from typing import Any
 
 from glm.v1 import glm_service_pb2 as pb
-from server.service.json_api.common import parse_into, parse_object, usage_object
+from server.service.json_api.common import (
+    FloatList,
+    is_flag,
+    is_int32,
+    is_text,
+    is_text_list,
+    parse_into,
+    parse_object,
+    parse_simple,
+    usage_object,
+)
 
 
 def chat_request(body: bytes) -> pb.ChatRequest:
@@ -82,13 +92,16 @@ def embed_request(body: bytes) -> pb.EmbedRequest:
     payload = parse_object(body)
     if isinstance(payload.get("prompt"), str):
         payload["prompt"] = [payload["prompt"]]
-    return parse_into(payload, pb.EmbedRequest())
+    return parse_simple(payload, pb.EmbedRequest, _EMBED_FIELDS)
+
+
+_EMBED_FIELDS = {"model": is_text, "prompt": is_text_list, "normalize": is_flag}
 
 
 def embedding(response: pb.EmbedResponse) -> dict[str, Any]:
     """{"data": [[floats], ...], "model", "object": "embedding", "usage"}: raw nested lists."""
     return {
-        "data": [list(e.values) for e in response.data],
+        "data": [FloatList(e.values) for e in response.data],
         "model": response.model,
         "object": response.object,
         "usage": {
@@ -100,7 +113,10 @@ def embedding(response: pb.EmbedResponse) -> dict[str, Any]:
 
 def tokenize_request(body: bytes) -> pb.TokenizeRequest:
     """POST /tokenize's body: {"prompt", "max_tokens", "model"}."""
-    return parse_into(parse_object(body), pb.TokenizeRequest())
+    return parse_simple(parse_object(body), pb.TokenizeRequest, _TOKENIZE_FIELDS)
+
+
+_TOKENIZE_FIELDS = {"prompt": is_text, "max_tokens": is_int32, "model": is_text}
 
 
 def tokenization(response: pb.TokenizeResponse) -> dict[str, Any]:
