@@ -38,10 +38,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "Benchmark glm-api against the same models in-process: chat tokens/s and time to "
             "first token, embedding throughput under concurrency, and the server's peak RSS; "
             "and concurrent chat streams against glm-api and against transformers serve "
-            "--continuous-batching on the same weights. Exits 0 whatever the targets say."
+            "--continuous-batching on the same weights; and JSON through Envoy against direct "
+            "gRPC (python -m bench.envoy). Exits 0 whatever the targets say."
         ),
     )
-    parser.add_argument("--only", choices=("chat", "embed", "streams", "all"), default="all")
+    parser.add_argument(
+        "--only", choices=("chat", "embed", "streams", "envoy", "all"), default="all"
+    )
     parser.add_argument(
         "--tokens", type=int, default=defaults.CHAT_TOKENS, help="chat tokens (%(default)s)"
     )
@@ -315,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(f"glm-api bench: {env['cpus']} CPUs, torch threads {env['torch_threads']}; {versions}")
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "env": env}
     metrics: list[Metric] = []
-    if args.only != "streams":
+    if args.only in ("chat", "embed", "all"):
         code = bench_in_process(args, results, metrics)
         if code:
             return code
@@ -328,6 +331,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(f"error: {exc}")
             return 1
         metrics += streams_metrics
+    if args.only in ("envoy", "all"):
+        from bench.envoy import bench_envoy
+
+        try:
+            results["envoy"], envoy_metrics = bench_envoy(
+                tokens=args.tokens, repeats=args.repeats, say=say
+            )
+        except RuntimeError as exc:  # the gateway did not become healthy
+            say(f"error: {exc}")
+            return 1
+        metrics += envoy_metrics
     results["metrics"] = [m.as_dict() for m in metrics]
     took = time.monotonic() - started
     say(f"the bench took {took:.0f} s")
