@@ -111,9 +111,9 @@ class LinearPlan:
 
 
 def _forward(plan: LinearPlan, module: torch.nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
-    weight, bias = module.weight, module.bias
-
     def forward(x: torch.Tensor) -> torch.Tensor:
+        # Read at each call: the module may be given new parameters after the plan is installed.
+        weight, bias = module.weight, module.bias
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if rows == 0 or (rows > plan.max_rows and plan.large_kernel == "input_first"):
             return F.linear(x, weight, bias)  # bias fused into the GEMM
