@@ -158,16 +158,6 @@ class TransformersServe(ChildProcess):
         """The process tree's peak resident set so far (see tree_peak_rss_bytes)."""
         return None if self._proc is None else tree_peak_rss_bytes(self._proc.pid)
 
-    def log_tail(self, lines: int = 30) -> str:
-        """The last lines of the server's log, for error messages."""
-        if self._log is None or self._log.closed:
-            return "(no log)"
-        self._log.flush()
-        self._log.seek(0)
-        text = self._log.read().decode(errors="replace")
-        self._log.seek(0, os.SEEK_END)
-        return "\n".join(text.splitlines()[-lines:])
-
     def stop(self) -> int | None:
         """SIGTERM to the whole group, SIGKILL after stop_timeout_s; safe to call twice."""
         proc = self._proc

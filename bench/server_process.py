@@ -86,6 +86,9 @@ class _RssSampler(threading.Thread):
 class ChildProcess(ABC):
     """A benchmarked child process; `with` starts it and always stops it."""
 
+    # The child's stdout and stderr, a temporary file opened by start() and closed by stop().
+    _log: IO[bytes] | None = None
+
     @abstractmethod
     def start(self) -> None:
         """Start the process (without waiting for it to be ready)."""
@@ -93,6 +96,16 @@ class ChildProcess(ABC):
     @abstractmethod
     def stop(self) -> int | None:
         """Stop the process; its exit status (None if it never started)."""
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of the child's log, for error messages."""
+        if self._log is None or self._log.closed:
+            return "(no log)"
+        self._log.flush()
+        self._log.seek(0)
+        text = self._log.read().decode(errors="replace")
+        self._log.seek(0, os.SEEK_END)
+        return "\n".join(text.splitlines()[-lines:])
 
     def __enter__(self) -> Self:
         self.start()
@@ -200,16 +213,6 @@ class ServerProcess(ChildProcess):
         if hwm is not None:
             return hwm
         return self._sampler.peak_bytes if self._sampler is not None else None
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The last lines of the server's log, for error messages."""
-        if self._log is None or self._log.closed:
-            return "(no log)"
-        self._log.flush()
-        self._log.seek(0)
-        text = self._log.read().decode(errors="replace")
-        self._log.seek(0, os.SEEK_END)
-        return "\n".join(text.splitlines()[-lines:])
 
     def stop(self) -> int | None:
         """SIGTERM, then SIGKILL after stop_timeout_s; returns the exit code. Safe to call twice."""

@@ -22,9 +22,9 @@ SDPA attention for prefill passes.
 Batch invariance: a request's greedy output must not depend on what else runs, so every
 computation a row goes through gives bit-identical results whatever the other rows are:
 - Linear layers: a BLAS takes other code paths for other row counts, with other last bits, so
-  small passes go through every linear layer in groups of a fixed size, with the operand order
-  that is fastest there (server/engine/invariant_linear.py, measured on the model's own weights
-  when the batch is opened).
+  small passes go through every linear layer in calls whose sizes all give a row the same bits,
+  with the operand order that is fastest there (server/engine/invariant_linear.py, measured per
+  weight shape on the model's own weights when the batch is opened).
 - Attention: PyTorch's fused CPU attention gives a row different last bits depending on the batch
   size and on the thread that computes it, so decode passes use `_attention` (plain matrix
   products and a softmax, per row and head); keys are padded with masked positions up to a
