@@ -64,6 +64,9 @@ class ModelSpec:
     max_waiting: int = 64
     # Embedding batching: the most prompts per forward pass, and how long a batch waits to fill.
     batch_size: int = 32
+    # Embedding: how long a forward pass waits for more requests; chat: how long an idle
+    # scheduler waits for more before its first pass. Either wait ends after a short gap with no
+    # new request.
     batch_wait_ms: float = 10.0
     # The token budget of one forward pass; None takes the kind's default (embedding: prompts are
     # packed into passes of at most this many tokens, padding included; EMBED_MAX_BATCH_TOKENS).

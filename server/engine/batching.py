@@ -45,6 +45,23 @@ class SequenceBatch(ABC):
         Returns the float32 logits of the token after the last one (1-D, vocabulary-sized).
         """
 
+    @property
+    def shared_prefill_min_tokens(self) -> int | None:
+        """The fewest tokens a prompt chunk needs to share a prefill pass (None: never shared).
+
+        A chunk this long gets the same results in a shared pass as alone, so sharing cannot
+        change any reply.
+        """
+        return None
+
+    def prefill_shared(self, chunks: Sequence[tuple[int, Sequence[int]]]) -> list[torch.Tensor]:
+        """`prefill` of one chunk for each of several slots ([(slot, token_ids)]), in order.
+
+        Where chunks can share a pass (all at least `shared_prefill_min_tokens` long), one pass
+        feeds them all; here, as a fallback, each runs alone. Returns each chunk's logits.
+        """
+        return [self.prefill(slot, ids) for slot, ids in chunks]
+
     @abstractmethod
     def decode(self, tokens: Mapping[int, int]) -> Mapping[int, torch.Tensor]:
         """Append one token to each listed slot ({slot: token}); return each slot's next logits."""
@@ -94,14 +111,18 @@ class ForwardLoopBatch(SequenceBatch):
         return self._rows
 
 
-def open_batch(model: ChatModel, max_sequences: int) -> SequenceBatch:
-    """The best `SequenceBatch` for `model`: batched when its causal LM supports it."""
+def open_batch(model: ChatModel, max_sequences: int, max_pass_tokens: int = 0) -> SequenceBatch:
+    """The best `SequenceBatch` for `model`: batched when its causal LM supports it.
+
+    `max_pass_tokens`: the most tokens a prefill pass is given (chunks of several prompts share
+    passes up to that size where the model allows it).
+    """
     causal_lm = model.causal_lm
     if causal_lm is not None:
         from server.engine.kv_slots import SlotBatch, unsupported_reason
 
         reason = unsupported_reason(causal_lm)
         if reason is None:
-            return SlotBatch(causal_lm, model.device, max_sequences)
+            return SlotBatch(causal_lm, model.device, max_sequences, max_pass_tokens)
         log.warning("chat model decodes one sequence per forward pass: %s", reason)
     return ForwardLoopBatch(model, max_sequences)

@@ -60,6 +60,7 @@ class ChatEngine:
         max_waiting: int,
         max_new_tokens: int,
         max_batch_tokens: int = CHAT_MAX_BATCH_TOKENS,
+        max_wait_s: float = 0.0,
         observer: EngineObserver | None = None,
     ) -> None:
         self._model = model
@@ -87,6 +88,7 @@ class ChatEngine:
             model,
             max_concurrent=max_concurrent,
             max_batch_tokens=max_batch_tokens,
+            max_wait_s=max_wait_s,
             observer=report if observer is not None else None,
         )
 

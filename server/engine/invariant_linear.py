@@ -19,9 +19,12 @@ sequence. Two facts about BLAS libraries shape how that is done here:
   Measured, not assumed: it depends on the BLAS, the CPU, the thread count and the device.
 
 Passes of more rows than a plan covers (prompt chunks) run in one call of whichever operand
-order is faster for a typical prompt (measured too: `weight @ x.T` by about 12% at 40-64 rows
-here): they run one sequence alone, in chunks fixed by that prompt, so they need only be
-deterministic.
+order is faster for prompt-sized passes (measured too: `x @ weight.T` by 15-25% at 45 and 254
+rows here). A chunk run alone needs only be deterministic; chunks of several prompts can share
+one pass (cheaper per token: 225 rows in one pass cost about 0.6 of five 45-row passes here)
+only where a row's bits do not depend on the pass's size either. `shared_pass_min_rows` probes from
+which size on that holds (MKL here: 12 rows and more give a row one result; 9-11 rows do not even
+give a row the same result in another place of the call).
 """
 
 from __future__ import annotations
@@ -30,13 +33,22 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KERNELS", "LinearPlan", "ShapeKey", "choose_plans", "install", "shape_key"]
+__all__ = [
+    "KERNELS",
+    "LinearPlan",
+    "ShapeKey",
+    "choose_plans",
+    "install",
+    "shape_key",
+    "shared_pass_min_rows",
+]
 
 # (weight (out, in), x (rows, in)) -> (rows, out).
 Kernel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -110,20 +122,34 @@ class LinearPlan:
         return torch.cat(parts)[:rows]
 
 
+def _large_pass(
+    kernel: str, weight: torch.Tensor, bias: torch.Tensor | None, flat: torch.Tensor
+) -> torch.Tensor:
+    """A pass of more rows than the plan covers, (rows, in) -> (rows, out), in one call."""
+    if kernel == "input_first":
+        return F.linear(flat, weight, bias)  # bias fused into the GEMM
+    out = KERNELS[kernel](weight, flat.contiguous()).contiguous()
+    return out if bias is None else out + bias
+
+
+def _large_pass_without_bias(kernel: str, weight: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    return _large_pass(kernel, weight, None, flat)
+
+
 def _forward(plan: LinearPlan, module: torch.nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
     def forward(x: torch.Tensor) -> torch.Tensor:
         # Read at each call: the module may be given new parameters after the plan is installed.
         weight, bias = module.weight, module.bias
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if rows == 0 or (rows > plan.max_rows and plan.large_kernel == "input_first"):
-            return F.linear(x, weight, bias)  # bias fused into the GEMM
+        if rows == 0:
+            return F.linear(x, weight, bias)
         flat = x.reshape(rows, x.shape[-1])
         if rows > plan.max_rows:
-            out = KERNELS[plan.large_kernel](weight, flat.contiguous()).contiguous()
+            out = _large_pass(plan.large_kernel, weight, bias, flat)
         else:
             out = plan.apply(weight, flat)
-        if bias is not None:
-            out = out + bias
+            if bias is not None:
+                out = out + bias
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     return forward
@@ -145,6 +171,13 @@ def install(causal_lm: torch.nn.Module, plans: dict[ShapeKey, LinearPlan]) -> in
         setattr(module, name, _forward(plan, module))
         count += 1
     return count
+
+
+def _output_layer(causal_lm: torch.nn.Module) -> torch.nn.Module | None:
+    """The layer that turns hidden states into logits (a causal LM's lm_head), if any."""
+    get_output = getattr(causal_lm, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    return output if isinstance(output, torch.nn.Module) else None
 
 
 def _linears(causal_lm: torch.nn.Module) -> Iterable[torch.nn.Linear]:
@@ -219,30 +252,48 @@ def _seconds(kernel: Kernel, layers: list[torch.nn.Linear], x: torch.Tensor) -> 
     return time.perf_counter() - started
 
 
-# Prompt chunks are timed at this many rows: a typical chat prompt.
-_LARGE_ROWS = 64
+# Prompt chunks are timed at this many rows (a typical chat prompt) and at the largest pass.
+_PROMPT_ROWS = 48
 
 
-def _fastest_large(layers: list[torch.nn.Linear], generator: torch.Generator) -> str:
-    """The kernel that runs a `_LARGE_ROWS`-row pass of `layers` fastest (best of two)."""
+def _fastest_large(
+    layers: list[torch.nn.Linear], sizes: list[int], generator: torch.Generator
+) -> str:
+    """The kernel whose passes of `sizes` rows are never far from the fastest (best of two).
+
+    Kept: the smallest worst ratio to the faster kernel over the sizes. One size is not enough:
+    MKL here has `x @ weight.T` 25% faster at 45 rows, 15% at 254, and both alike at 64.
+    """
     weight = layers[0].weight
-    x = torch.randn(_LARGE_ROWS, weight.shape[1], generator=generator)
-    x = x.to(weight.device, weight.dtype)
-    seconds = dict.fromkeys(KERNELS, float("inf"))
+    seconds = {(name, size): float("inf") for name in KERNELS for size in sizes}
+    inputs = {}
+    for size in sizes:
+        x = torch.randn(size, weight.shape[1], generator=generator)
+        inputs[size] = x.to(weight.device, weight.dtype)
+    # Timed as such passes run, result made row-major included (for `weight @ x.T`, a strided
+    # copy that costs it about 0.1 ms a call at 45 rows: enough to turn the choice here).
+    passes: dict[str, Kernel] = {name: partial(_large_pass_without_bias, name) for name in KERNELS}
     for round_ in range(3):
-        for name, kernel in KERNELS.items():
-            s = _seconds(kernel, layers, x)
+        for (name, size), best in seconds.items():
+            s = _seconds(passes[name], layers, inputs[size])
             if round_:
-                seconds[name] = min(seconds[name], s)
-    return min(seconds, key=lambda name: seconds[name])
+                seconds[(name, size)] = min(best, s)
+    fastest = {size: min(seconds[(name, size)] for name in KERNELS) for size in sizes}
+    return min(KERNELS, key=lambda name: max(seconds[(name, n)] / fastest[n] for n in sizes))
 
 
 @torch.inference_mode()
-def choose_plans(causal_lm: torch.nn.Module, max_rows: int) -> dict[ShapeKey, LinearPlan]:
-    """The fastest batch-invariant plan per weight shape for passes of 1..max_rows rows."""
+def choose_plans(
+    causal_lm: torch.nn.Module, max_rows: int, max_pass_rows: int = 0
+) -> dict[ShapeKey, LinearPlan]:
+    """The fastest batch-invariant plan per weight shape for passes of 1..max_rows rows.
+
+    Larger passes (prompt chunks, up to `max_pass_rows` rows) get the kernel faster there.
+    """
     by_shape: dict[ShapeKey, list[torch.nn.Linear]] = {}
     for m in _linears(causal_lm):
         by_shape.setdefault(shape_key(m), []).append(m)
+    output = _output_layer(causal_lm)
     sizes = _call_sizes(max_rows)
     generator = torch.Generator().manual_seed(0)
     plans: dict[ShapeKey, LinearPlan] = {}
@@ -279,7 +330,11 @@ def choose_plans(causal_lm: torch.nn.Module, max_rows: int) -> dict[ShapeKey, Li
         plan, per_n = min(
             costs, key=lambda c: max(cost / best for cost, best in zip(c[1], best_at, strict=True))
         )
-        large = _fastest_large(layers, generator)
+        if all(m is output for m in layers):
+            large = "input_first"  # given each sequence's last row only: never a large pass
+        else:
+            at = sorted({max(_PROMPT_ROWS, max_rows + 1), max(max_pass_rows, max_rows + 1)})
+            large = _fastest_large(layers, at, generator)
         plans[key] = replace(plan, large_kernel=large)
         summary.append(
             f"{key[0]} x{len(layers)}: {plan.kernel} calls {plan.calls[1:]} "
@@ -287,3 +342,80 @@ def choose_plans(causal_lm: torch.nn.Module, max_rows: int) -> dict[ShapeKey, Li
         )
     log.info("decode linear layers: %s", "; ".join(summary))
     return plans
+
+
+def _large_sizes(max_rows: int, max_pass_rows: int) -> list[int]:
+    """Pass sizes probed past max_rows: each of the next 16, then steps of 1.5x, and the largest."""
+    sizes = set(range(max_rows + 1, min(max_rows + 17, max_pass_rows + 1)))
+    size = max_rows + 16
+    while size < max_pass_rows:
+        sizes.add(size)
+        size = size * 3 // 2
+    sizes.add(max_pass_rows)
+    return sorted(sizes)
+
+
+def _size_invariant_from(
+    call: Callable[[torch.Tensor], torch.Tensor], sizes: list[int], x: torch.Tensor, head: int
+) -> int | None:
+    """The smallest of `sizes` from which every larger one gives each row the same bits.
+
+    Probed: a row's result must not depend on its place in the pass (the same rows shifted by
+    three give the same results) nor on the pass's size (the first `head` rows, present in every
+    pass, give the same bytes as in the largest). None when not even the largest qualifies.
+    """
+    shift = 3
+    reference: bytes | None = None
+    found: int | None = None
+    for size in reversed(sizes):
+        full = call(x[shift : shift + size].contiguous()).contiguous()
+        shifted = call(x[:size].contiguous()).contiguous()
+        if not torch.equal(shifted[shift:], full[: size - shift]):
+            break
+        bits = bytes(full[:head].cpu().numpy().tobytes())
+        if reference is None:
+            reference = bits
+        elif bits != reference:
+            break
+        found = size
+    return found
+
+
+@torch.inference_mode()
+def shared_pass_min_rows(
+    causal_lm: torch.nn.Module, plans: dict[ShapeKey, LinearPlan], max_pass_rows: int
+) -> int | None:
+    """The fewest rows a prompt chunk needs to share a pass of up to `max_pass_rows` rows.
+
+    A chunk of at least that many rows gets bit-identical results from every linear layer alone
+    or packed with other chunks (up to max_pass_rows rows in all), so where it runs cannot change
+    a greedy reply. None: no such size (or nothing to share), so chunks must run alone. The output
+    layer is not probed: a prefill pass gives it only each chunk's last row, a decode-sized pass.
+    """
+    output = _output_layer(causal_lm)
+    by_shape: dict[ShapeKey, torch.nn.Linear] = {}
+    for m in _linears(causal_lm):
+        if m is not output:
+            by_shape.setdefault(shape_key(m), m)
+    if not by_shape or not plans:
+        return None
+    max_rows = max(plans[key].max_rows for key in by_shape)
+    if max_pass_rows <= max_rows:
+        return None
+    sizes = _large_sizes(max_rows, max_pass_rows)
+    generator = torch.Generator().manual_seed(2)
+    needed = max_rows + 1
+    for key, m in by_shape.items():
+        plan = plans[key]
+        weight, bias = m.weight, m.bias
+        x = torch.randn(max_pass_rows + 3, weight.shape[1], generator=generator)
+        x = x.to(weight.device, weight.dtype)
+
+        call = partial(_large_pass, plan.large_kernel, weight, bias)
+        found = _size_invariant_from(call, sizes, x, head=max_rows + 1)
+        if found is None:
+            log.info("prompt chunks run alone: %s gives other bits at every pass size", key[0])
+            return None
+        needed = max(needed, found)
+    log.info("prompt chunks of %d+ tokens share prefill passes (up to %d)", needed, max_pass_rows)
+    return needed

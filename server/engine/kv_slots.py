@@ -48,7 +48,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from server.engine.batching import SequenceBatch
-from server.engine.invariant_linear import LinearPlan, ShapeKey, choose_plans, install
+from server.engine.invariant_linear import (
+    LinearPlan,
+    ShapeKey,
+    choose_plans,
+    install,
+    shared_pass_min_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,24 +72,43 @@ def _round_up(value: int, multiple: int) -> int:
 
 @dataclass(slots=True)
 class _Plan:
-    """Where the next forward pass reads and writes: rows [first, first + rows)."""
+    """Where the next forward pass reads and writes: rows [first, first + rows), or `slots`."""
 
     first: int
     rows: int
     # (rows, q): the position of each new token; writes go to [first + r, :, positions[r, i]].
+    # A shared prefill pass: (1, tokens), and token i goes to [slots[i], :, positions[0, i]].
     positions: torch.Tensor
     # How many positions of each row the attention reads (a multiple of KV_BLOCK).
     kv_len: int
+    # A shared prefill pass: each token's slot (its attention reads its own slot's keys).
+    slots: tuple[int, ...] | None = None
     # The index tensors on each device that holds layers (several GPUs: several devices).
     _on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows, 1) row numbers and (rows, q) positions on `device`, for advanced indexing."""
+        """Row numbers and positions on `device`, shaped alike, for advanced indexing."""
         found = self._on.get(device)
         if found is None:
-            rows = torch.arange(self.first, self.first + self.rows, device=device).unsqueeze(1)
+            if self.slots is not None:
+                rows = torch.tensor(self.slots, device=device).unsqueeze(0)
+            else:
+                rows = torch.arange(self.first, self.first + self.rows, device=device)
+                rows = rows.unsqueeze(1)
             found = self._on[device] = (rows, self.positions.to(device))
         return found
+
+
+@dataclass(frozen=True, slots=True)
+class _Segment:
+    """One prompt chunk in a shared prefill pass: the pass's tokens [start, end), in `slot`."""
+
+    start: int
+    end: int
+    slot: int
+    kv_len: int
+    # (1, 1, end - start, kv_len): the additive mask the chunk has when it runs alone.
+    mask: torch.Tensor
 
 
 # The attention implementation SlotBatch gives the model: SDPA, except in decode passes.
@@ -107,6 +132,25 @@ def _attention(
     the model's keyword arguments) use plain matrix products and a softmax instead; every other
     call goes to transformers' SDPA attention unchanged.
     """
+    segments: Sequence[_Segment] | None = kwargs.pop("kv_slots_segments", None)
+    if segments is not None:
+        # A shared prefill pass: each chunk attends over its own slot exactly as it would alone
+        # (same query, key and mask shapes and values, so the same bits); `key` and `value` are
+        # every slot's memory.
+        parts = [
+            sdpa_attention_forward(
+                module,
+                query[:, :, s.start : s.end],
+                key[s.slot : s.slot + 1, :, : s.kv_len],
+                value[s.slot : s.slot + 1, :, : s.kv_len],
+                s.mask.to(query.device),
+                dropout=dropout,
+                scaling=scaling,
+                **kwargs,
+            )[0]
+            for s in segments
+        ]
+        return torch.cat(parts, dim=1), None
     if not kwargs.pop("kv_slots_decode", False):
         return sdpa_attention_forward(  # type: ignore[no-any-return]
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -161,6 +205,8 @@ class _SlotLayer(CacheLayerMixin):  # type: ignore[misc]  # transformers is unty
         # Indexed by (rows, 1) and (rows, q) around a slice, the target is (rows, q, heads, dim).
         self.keys[rows, :, positions] = key_states.transpose(1, 2)
         self.values[rows, :, positions] = value_states.transpose(1, 2)
+        if plan.slots is not None:
+            return self.keys, self.values  # `_attention` reads each chunk's slot
         # Views, not copies: the rows of a pass are always one contiguous range.
         end = plan.first + plan.rows
         return (
@@ -270,7 +316,9 @@ def unsupported_reason(causal_lm: Any) -> str | None:
 class SlotBatch(SequenceBatch):
     """Sequences in the slots of a `KVSlotCache`, advanced by batched forward passes."""
 
-    def __init__(self, causal_lm: Any, device: torch.device, max_sequences: int) -> None:
+    def __init__(
+        self, causal_lm: Any, device: torch.device, max_sequences: int, max_pass_tokens: int = 0
+    ) -> None:
         super().__init__(max_sequences)
         self._lm = causal_lm
         self._device = device
@@ -288,8 +336,13 @@ class SlotBatch(SequenceBatch):
                     type(causal_lm).__name__,
                 )
         self._cache = KVSlotCache(int(text.num_hidden_layers))
-        self._linear_plans = choose_plans(causal_lm, max_sequences)
+        self._linear_plans = choose_plans(causal_lm, max_sequences, max_pass_tokens)
         install(causal_lm, self._linear_plans)
+        # Chunks share a pass only where both their linear layers (probed) and their attention
+        # (`_attention`, one call per chunk) give the bits they have alone.
+        self._shared_min: int | None = None
+        if config._attn_implementation == ATTENTION:
+            self._shared_min = shared_pass_min_rows(causal_lm, self._linear_plans, max_pass_tokens)
         # Tokens held by each row.
         self._lengths = [0] * max_sequences
         self._rows = 0
@@ -297,6 +350,10 @@ class SlotBatch(SequenceBatch):
     @property
     def decode_rows(self) -> int:
         return self._rows
+
+    @property
+    def shared_prefill_min_tokens(self) -> int | None:
+        return self._shared_min
 
     @property
     def linear_plans(self) -> dict[ShapeKey, LinearPlan]:
@@ -318,7 +375,12 @@ class SlotBatch(SequenceBatch):
         return mask.masked_fill_(~visible, torch.finfo(self._dtype).min)
 
     def _run(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, *, decode: bool
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        keep: int | torch.Tensor = 1,
+        **attention: Any,
     ) -> torch.Tensor:
         out = self._lm(
             input_ids=ids,
@@ -326,29 +388,70 @@ class SlotBatch(SequenceBatch):
             position_ids=positions,
             cache=self._cache,
             use_cache=True,
-            logits_to_keep=1,  # only the last position's logits are ever sampled
-            kv_slots_decode=decode,
+            # Only a sequence's last position's logits are ever sampled: the last one (1), or
+            # the last of each chunk of a shared pass (their indices).
+            logits_to_keep=keep,
+            **attention,
         )
         self.forward_passes += 1
-        logits: torch.Tensor = out.logits[:, -1]
+        logits: torch.Tensor = out.logits[:, -1] if isinstance(keep, int) else out.logits[0]
         # Spread over several GPUs, the logits come out on the last one.
         return logits.to(self._device, torch.float32)
 
-    @torch.inference_mode()
-    def prefill(self, slot: int, token_ids: Sequence[int]) -> torch.Tensor:
+    def _chunk(self, slot: int, token_ids: Sequence[int]) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """(positions (q,), kv_len, mask (1, 1, q, kv_len)) of a chunk appended to `slot`."""
         start = self._lengths[slot]
         end = start + len(token_ids)
         kv_len = _round_up(end, KV_BLOCK)
-        self._cache.reserve(slot + 1, kv_len)
-        positions = torch.arange(start, end, device=self._device).unsqueeze(0)
+        positions = torch.arange(start, end, device=self._device)
         keys = torch.arange(kv_len, device=self._device)
         # Causal within the chunk, and everything before it: query i sees keys 0..start+i.
-        visible = keys.unsqueeze(0) <= positions[0].unsqueeze(1)
-        self._cache.plan = _Plan(slot, 1, positions, kv_len)
+        visible = keys.unsqueeze(0) <= positions.unsqueeze(1)
+        return positions, kv_len, self._mask(visible)[None, None]
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, token_ids: Sequence[int]) -> torch.Tensor:
+        positions, kv_len, mask = self._chunk(slot, token_ids)
+        self._cache.reserve(slot + 1, kv_len)
+        self._cache.plan = _Plan(slot, 1, positions[None], kv_len)
         ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self._device)
-        logits = self._run(ids, self._mask(visible)[None, None], positions, decode=False)
-        self._lengths[slot] = end
+        logits = self._run(ids, mask, positions[None], kv_slots_decode=False)
+        self._lengths[slot] += len(token_ids)
         return logits[0]
+
+    @torch.inference_mode()
+    def prefill_shared(self, chunks: Sequence[tuple[int, Sequence[int]]]) -> list[torch.Tensor]:
+        shared_min = self._shared_min
+        if len(chunks) < 2 or shared_min is None:
+            return [self.prefill(slot, ids) for slot, ids in chunks]
+        if len({slot for slot, _ in chunks}) != len(chunks):
+            raise ValueError("a shared prefill pass takes one chunk per slot")
+        if len(chunks) > self.max_sequences or min(len(ids) for _, ids in chunks) < shared_min:
+            raise ValueError(
+                f"a shared prefill pass takes at most {self.max_sequences} chunks of at least "
+                f"{shared_min} tokens each"
+            )
+        segments: list[_Segment] = []
+        slots: list[int] = []
+        all_positions: list[torch.Tensor] = []
+        start = 0
+        for slot, chunk in chunks:
+            positions, kv_len, mask = self._chunk(slot, chunk)
+            segments.append(_Segment(start, start + len(chunk), slot, kv_len, mask))
+            slots += [slot] * len(chunk)
+            all_positions.append(positions)
+            start += len(chunk)
+        self._cache.reserve(max(slots) + 1, max(s.kv_len for s in segments))
+        positions = torch.cat(all_positions)[None]
+        self._cache.plan = _Plan(0, 0, positions, 0, slots=tuple(slots))
+        fed = torch.tensor([[t for _, chunk in chunks for t in chunk]], device=self._device)
+        last = torch.tensor([s.end - 1 for s in segments], device=self._device)
+        # The mask argument is only passed through to `_attention`, which uses each segment's.
+        placeholder = torch.zeros((1, 1, start, 1), dtype=self._dtype, device=self._device)
+        logits = self._run(fed, placeholder, positions, last, kv_slots_segments=segments)
+        for slot, chunk in chunks:
+            self._lengths[slot] += len(chunk)
+        return list(logits)
 
     @torch.inference_mode()
     def decode(self, tokens: Mapping[int, int]) -> Mapping[int, torch.Tensor]:
@@ -367,7 +470,9 @@ class SlotBatch(SequenceBatch):
         visible = (keys <= positions) & (real | (keys == positions))
         self._cache.plan = _Plan(0, rows, positions, kv_len)
         ids = torch.tensor([[tokens.get(r, 0)] for r in range(rows)], device=self._device)
-        logits = self._run(ids, self._mask(visible)[:, None, None, :], positions, decode=True)
+        logits = self._run(
+            ids, self._mask(visible)[:, None, None, :], positions, kv_slots_decode=True
+        )
         self._rows = rows
         for slot in tokens:
             self._lengths[slot] += 1

@@ -119,6 +119,7 @@ class ModelRegistry:
             max_waiting=spec.max_waiting,
             max_new_tokens=spec.max_new_tokens,
             max_batch_tokens=spec.max_batch_tokens or CHAT_MAX_BATCH_TOKENS,
+            max_wait_s=spec.batch_wait_ms / 1000.0,
             observer=self.observer(spec.id),
         )
 

@@ -10,9 +10,11 @@ from server.engine.invariant_linear import (
     LinearPlan,
     _best_calls,
     _classes,
+    _size_invariant_from,
     choose_plans,
     install,
     shape_key,
+    shared_pass_min_rows,
 )
 
 
@@ -124,3 +126,35 @@ def test_large_passes_run_in_one_call_of_their_own_kernel() -> None:
         install(net, {shape_key(net[0]): LinearPlan.uniform("weight_first", 4, 8, "weight_first")})
         torch.testing.assert_close(net(big), expected)
         assert net(big).is_contiguous()
+
+
+def test_pass_sizes_past_a_threshold_qualify_for_shared_passes() -> None:
+    def small_passes_differ(x: torch.Tensor) -> torch.Tensor:
+        # Below 20 rows another "code path" gives other bits, as MKL does below 12 rows.
+        return x * 2 if x.shape[0] >= 20 else x * 2 + 1e-3
+
+    x = torch.randn(70, 4)
+    sizes = [9, 12, 16, 20, 24, 36, 54, 64]
+    assert _size_invariant_from(small_passes_differ, sizes, x, head=9) == 20
+
+    def rows_depend_on_each_other(x: torch.Tensor) -> torch.Tensor:
+        return x + x.mean(0)
+
+    assert _size_invariant_from(rows_depend_on_each_other, sizes, x, head=9) is None
+
+
+def test_chunks_of_the_probed_size_get_their_rows_bits_in_any_larger_pass() -> None:
+    net = model((576, 1536), (1536, 576))
+    plans = choose_plans(net, max_rows=8)
+    found = shared_pass_min_rows(net, plans, max_pass_rows=128)
+    # MKL on these machines: 12 rows and more give a row one result.
+    assert found is not None
+    assert 8 < found <= 16
+    big = torch.randn(128, 576)
+    install(net, plans)
+    with torch.inference_mode():
+        whole = net(big)
+        for start, end in ((0, found), (found, 3 * found), (40, 128)):
+            assert torch.equal(net(big[start:end]), whole[start:end]), (start, end)
+    # Nothing can share a pass that is no larger than a decode pass.
+    assert shared_pass_min_rows(net, plans, max_pass_rows=8) is None

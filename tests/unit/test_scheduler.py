@@ -1,0 +1,174 @@
+"""The scheduler's step logic on a fake batch: which prompt chunks share a prefill pass, and the
+short wait for more requests when it wakes from idle. The real model's side of the same logic
+(bit-identical results, shared passes under load) is tested in tests/test_batching.py."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from server.domain import ChatMessage, ChatRequest, Role, SamplingParams
+from server.engine import scheduler as scheduler_module
+from server.engine.batching import SequenceBatch
+from server.engine.scheduler import Job, Scheduler
+
+VOCAB = 8
+STOP = 5  # every sequence ends at its first token: the tests are about prefill passes
+
+
+class RecordingBatch(SequenceBatch):
+    """Records the chunks of each prefill pass; every pass's logits pick the stop token."""
+
+    def __init__(self, max_sequences: int, shared_min: int | None) -> None:
+        super().__init__(max_sequences)
+        self.shared_min = shared_min
+        self.passes: list[list[tuple[int, int]]] = []  # [(slot, chunk length)] per pass
+
+    @property
+    def shared_prefill_min_tokens(self) -> int | None:
+        return self.shared_min
+
+    @staticmethod
+    def _logits() -> torch.Tensor:
+        logits = torch.zeros(VOCAB)
+        logits[STOP] = 1.0
+        return logits
+
+    def prefill(self, slot: int, token_ids: Sequence[int]) -> torch.Tensor:
+        self.passes.append([(slot, len(token_ids))])
+        return self._logits()
+
+    def prefill_shared(self, chunks: Sequence[tuple[int, Sequence[int]]]) -> list[torch.Tensor]:
+        assert self.shared_min is not None
+        assert all(len(ids) >= self.shared_min for _, ids in chunks)
+        self.passes.append([(slot, len(ids)) for slot, ids in chunks])
+        return [self._logits() for _ in chunks]
+
+    def decode(self, tokens: Mapping[int, int]) -> Mapping[int, torch.Tensor]:
+        return {slot: self._logits() for slot in tokens}
+
+    def release(self, slot: int) -> None:
+        pass
+
+
+class Decoder:
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "x" * len(token_ids)
+
+
+MODEL = SimpleNamespace(device=torch.device("cpu"), decoder=Decoder(), stop_token_ids={STOP})
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def run(
+    monkeypatch: pytest.MonkeyPatch,
+    loop: asyncio.AbstractEventLoop,
+    prompt_lengths: Sequence[int],
+    *,
+    shared_min: int | None = 12,
+    max_batch_tokens: int = 256,
+    max_wait_s: float = 0.0,
+    spacing_s: float = 0.0,
+) -> list[list[tuple[int, int]]]:
+    """Submit one job per prompt length, `spacing_s` apart, to an idle scheduler; its passes."""
+    batch = RecordingBatch(8, shared_min)
+    monkeypatch.setattr(scheduler_module, "open_batch", lambda *args: batch)
+    scheduler = Scheduler(
+        MODEL,  # type: ignore[arg-type]  # the scheduler reads only these attributes
+        max_concurrent=8,
+        max_batch_tokens=max_batch_tokens,
+        max_wait_s=max_wait_s,
+    )
+    scheduler.wait_open()
+    done = threading.Semaphore(0)
+    request = ChatRequest(
+        model="m",
+        messages=(ChatMessage(Role.USER, "hi"),),
+        sampling=SamplingParams(temperature=0.0, max_tokens=4),
+    )
+    queues: list[asyncio.Queue[Any]] = []
+    try:
+        for length in prompt_lengths:
+            queue: asyncio.Queue[Any] = asyncio.Queue()
+            queues.append(queue)
+            scheduler.submit(Job(request, [1] * length, 4, loop, queue, on_done=done.release))
+            if spacing_s:
+                time.sleep(spacing_s)
+        for _ in prompt_lengths:
+            # on_done runs on the job's loop: let the loop run until every job is done.
+            while not done.acquire(timeout=0.01):
+                loop.run_until_complete(asyncio.sleep(0))
+    finally:
+        scheduler.stop()
+        scheduler.join(10)
+    return batch.passes
+
+
+def test_chunks_long_enough_share_a_pass_in_arrival_order_within_the_budget(
+    monkeypatch: pytest.MonkeyPatch, loop: asyncio.AbstractEventLoop
+) -> None:
+    # Waiting for all of them to arrive first (a generous gap), so that the passes are known.
+    monkeypatch.setattr(scheduler_module, "ARRIVAL_GAP_S", 0.5)
+    passes = run(monkeypatch, loop, [40, 40, 5, 40, 40, 40], max_batch_tokens=96, max_wait_s=5)
+    # Budget 96, chunks of 88: two 40s share; the 5-token prompt is too short to share and runs
+    # alone; the next step's budget (after one decode token per running sequence) takes two.
+    assert passes[0] == [(0, 40), (1, 40)]
+    assert passes[1] == [(2, 5)]
+    assert sorted(n for p in passes for _, n in p) == sorted([40, 40, 5, 40, 40, 40])
+    assert all(len(p) <= 2 for p in passes)
+
+
+def test_a_batch_that_cannot_share_runs_every_chunk_alone(
+    monkeypatch: pytest.MonkeyPatch, loop: asyncio.AbstractEventLoop
+) -> None:
+    monkeypatch.setattr(scheduler_module, "ARRIVAL_GAP_S", 0.5)
+    passes = run(monkeypatch, loop, [40, 40, 40], shared_min=None, max_wait_s=5)
+    assert passes == [[(0, 40)], [(1, 40)], [(2, 40)]]
+
+
+def test_a_long_prompt_goes_in_chunks_and_shares_only_one_per_pass(
+    monkeypatch: pytest.MonkeyPatch, loop: asyncio.AbstractEventLoop
+) -> None:
+    monkeypatch.setattr(scheduler_module, "ARRIVAL_GAP_S", 0.5)
+    # Budget 64, chunks of 56: the 150-token prompt is 56 + 56 + 38.
+    passes = run(monkeypatch, loop, [150, 20], max_batch_tokens=64, max_wait_s=5)
+    slot0 = [n for p in passes for slot, n in p if slot == 0]
+    assert slot0 == [56, 56, 38]
+    assert all(len({slot for slot, _ in p}) == len(p) for p in passes)
+
+
+def test_an_idle_scheduler_waits_for_a_burst_to_arrive(
+    monkeypatch: pytest.MonkeyPatch, loop: asyncio.AbstractEventLoop
+) -> None:
+    monkeypatch.setattr(scheduler_module, "ARRIVAL_GAP_S", 0.5)
+    passes = run(monkeypatch, loop, [40] * 4, max_wait_s=5, spacing_s=0.01)
+    assert passes[0] == [(0, 40), (1, 40), (2, 40), (3, 40)]
+
+
+def test_without_a_wait_the_first_request_starts_at_once(
+    monkeypatch: pytest.MonkeyPatch, loop: asyncio.AbstractEventLoop
+) -> None:
+    passes = run(monkeypatch, loop, [40] * 3, max_wait_s=0.0, spacing_s=0.2)
+    assert passes[0] == [(0, 40)]
+
+
+def test_the_wait_is_capped(
+    monkeypatch: pytest.MonkeyPatch, loop: asyncio.AbstractEventLoop
+) -> None:
+    # Requests keep arriving well within the gap, but the first pass starts at the cap.
+    monkeypatch.setattr(scheduler_module, "ARRIVAL_GAP_S", 0.5)
+    passes = run(monkeypatch, loop, [20] * 8, max_wait_s=0.1, spacing_s=0.05)
+    assert 1 <= len(passes[0]) < 8
