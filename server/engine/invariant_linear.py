@@ -254,6 +254,11 @@ def _seconds(kernel: Kernel, layers: list[torch.nn.Linear], x: torch.Tensor) -> 
 
 # Prompt chunks are timed at this many rows (a typical chat prompt) and at the largest pass.
 _PROMPT_ROWS = 48
+# Prompt-sized passes are timed on layers holding at least this many bytes of weights.
+_TIMED_BYTES = 256 << 20
+# Probing pass sizes for shared passes on a CPU stops being worth it past this many FLOPs (about
+# 2 s here): a large model on a CPU then runs prompt chunks alone.
+_CPU_PROBE_FLOPS = 1e11
 
 
 def _fastest_large(
@@ -263,7 +268,15 @@ def _fastest_large(
 
     Kept: the smallest worst ratio to the faster kernel over the sizes. One size is not enough:
     MKL here has `x @ weight.T` 25% faster at 45 rows, 15% at 254, and both alike at 64.
+    Timed on as many of the layers as hold _TIMED_BYTES of weights (all of a small model's):
+    more memory than caches hold, without a large model's prompt-sized passes taking minutes.
     """
+    timed: list[torch.nn.Linear] = []
+    for m in layers:
+        timed.append(m)
+        if sum(t.weight.nbytes for t in timed) >= _TIMED_BYTES:
+            break
+    layers = timed
     weight = layers[0].weight
     seconds = {(name, size): float("inf") for name in KERNELS for size in sizes}
     inputs = {}
@@ -403,6 +416,15 @@ def shared_pass_min_rows(
     if max_pass_rows <= max_rows:
         return None
     sizes = _large_sizes(max_rows, max_pass_rows)
+    flops = sum(4 * sum(sizes) * m.weight.numel() for m in by_shape.values())
+    if flops > _CPU_PROBE_FLOPS and any(m.weight.device.type == "cpu" for m in by_shape.values()):
+        log.info(
+            "prompt chunks run alone: probing pass sizes up to %d rows is too slow on a CPU for "
+            "this model (%.0f GFLOP)",
+            max_pass_rows,
+            flops / 1e9,
+        )
+        return None
     generator = torch.Generator().manual_seed(2)
     needed = max_rows + 1
     for key, m in by_shape.items():
