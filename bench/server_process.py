@@ -97,15 +97,20 @@ class ChildProcess(ABC):
     def stop(self) -> int | None:
         """Stop the process; its exit status (None if it never started)."""
 
-    def log_tail(self, lines: int = 30) -> str:
-        """The last lines of the child's log, for error messages."""
+    def log_text(self) -> str:
+        """The child's log so far ("" when there is none)."""
         if self._log is None or self._log.closed:
-            return "(no log)"
+            return ""
         self._log.flush()
         self._log.seek(0)
         text = self._log.read().decode(errors="replace")
         self._log.seek(0, os.SEEK_END)
-        return "\n".join(text.splitlines()[-lines:])
+        return text
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of the child's log, for error messages."""
+        text = self.log_text()
+        return "\n".join(text.splitlines()[-lines:]) if text else "(no log)"
 
     def __enter__(self) -> Self:
         self.start()

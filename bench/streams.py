@@ -556,6 +556,10 @@ def chat_only_config(source: Path, model_id: str, min_waiting: int, dest: Path) 
     return dest
 
 
+# The server's log line that names the linear layers' plan.
+_PLAN_LOG = "decode linear layers:"
+
+
 def run_streams(
     *,
     model_id: str,
@@ -582,6 +586,11 @@ def run_streams(
             )
             results.glm_ready_s = server.wait_ready()
             results.glm_loaded_rss_bytes = server.peak_rss_bytes()
+            # Measured at each start (server/engine/invariant_linear.py), so it can differ
+            # between runs, and with it the decode step's time: printed to tell runs apart.
+            for line in server.log_text().splitlines():
+                if _PLAN_LOG in line:
+                    say(f"  glm-api linear plan: {line.split(_PLAN_LOG, 1)[1].strip()}")
             with grpc.insecure_channel(server.target) as channel:
                 stub = pb_grpc.GlmServiceStub(channel)
 
