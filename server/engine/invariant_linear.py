@@ -123,17 +123,13 @@ class LinearPlan:
 
 
 def _large_pass(
-    kernel: str, weight: torch.Tensor, bias: torch.Tensor | None, flat: torch.Tensor
+    kernel: str, weight: torch.Tensor, flat: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """A pass of more rows than the plan covers, (rows, in) -> (rows, out), in one call."""
     if kernel == "input_first":
         return F.linear(flat, weight, bias)  # bias fused into the GEMM
     out = KERNELS[kernel](weight, flat.contiguous()).contiguous()
     return out if bias is None else out + bias
-
-
-def _large_pass_without_bias(kernel: str, weight: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-    return _large_pass(kernel, weight, None, flat)
 
 
 def _forward(plan: LinearPlan, module: torch.nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -145,7 +141,7 @@ def _forward(plan: LinearPlan, module: torch.nn.Linear) -> Callable[[torch.Tenso
             return F.linear(x, weight, bias)
         flat = x.reshape(rows, x.shape[-1])
         if rows > plan.max_rows:
-            out = _large_pass(plan.large_kernel, weight, bias, flat)
+            out = _large_pass(plan.large_kernel, weight, flat, bias)
         else:
             out = plan.apply(weight, flat)
             if bias is not None:
@@ -182,6 +178,17 @@ def _output_layer(causal_lm: torch.nn.Module) -> torch.nn.Module | None:
 
 def _linears(causal_lm: torch.nn.Module) -> Iterable[torch.nn.Linear]:
     return (m for m in causal_lm.modules() if isinstance(m, torch.nn.Linear))
+
+
+def _by_shape(
+    causal_lm: torch.nn.Module, skip: torch.nn.Module | None = None
+) -> dict[ShapeKey, list[torch.nn.Linear]]:
+    """The linear layers of `causal_lm` (but `skip`) grouped by the plan they share."""
+    by_shape: dict[ShapeKey, list[torch.nn.Linear]] = {}
+    for m in _linears(causal_lm):
+        if m is not skip:
+            by_shape.setdefault(shape_key(m), []).append(m)
+    return by_shape
 
 
 def _call_sizes(max_rows: int) -> list[int]:
@@ -285,7 +292,7 @@ def _fastest_large(
         inputs[size] = x.to(weight.device, weight.dtype)
     # Timed as such passes run, result made row-major included (for `weight @ x.T`, a strided
     # copy that costs it about 0.1 ms a call at 45 rows: enough to turn the choice here).
-    passes: dict[str, Kernel] = {name: partial(_large_pass_without_bias, name) for name in KERNELS}
+    passes: dict[str, Kernel] = {name: partial(_large_pass, name) for name in KERNELS}
     for round_ in range(3):
         for (name, size), best in seconds.items():
             s = _seconds(passes[name], layers, inputs[size])
@@ -303,9 +310,7 @@ def choose_plans(
 
     Larger passes (prompt chunks, up to `max_pass_rows` rows) get the kernel faster there.
     """
-    by_shape: dict[ShapeKey, list[torch.nn.Linear]] = {}
-    for m in _linears(causal_lm):
-        by_shape.setdefault(shape_key(m), []).append(m)
+    by_shape = _by_shape(causal_lm)
     output = _output_layer(causal_lm)
     sizes = _call_sizes(max_rows)
     generator = torch.Generator().manual_seed(0)
@@ -405,11 +410,9 @@ def shared_pass_min_rows(
     a greedy reply. None: no such size (or nothing to share), so chunks must run alone. The output
     layer is not probed: a prefill pass gives it only each chunk's last row, a decode-sized pass.
     """
-    output = _output_layer(causal_lm)
-    by_shape: dict[ShapeKey, torch.nn.Linear] = {}
-    for m in _linears(causal_lm):
-        if m is not output:
-            by_shape.setdefault(shape_key(m), m)
+    by_shape = {
+        key: layers[0] for key, layers in _by_shape(causal_lm, _output_layer(causal_lm)).items()
+    }
     if not by_shape or not plans:
         return None
     max_rows = max(plans[key].max_rows for key in by_shape)
@@ -433,7 +436,7 @@ def shared_pass_min_rows(
         x = torch.randn(max_pass_rows + 3, weight.shape[1], generator=generator)
         x = x.to(weight.device, weight.dtype)
 
-        call = partial(_large_pass, plan.large_kernel, weight, bias)
+        call = partial(_large_pass, plan.large_kernel, weight, bias=bias)
         found = _size_invariant_from(call, sizes, x, head=max_rows + 1)
         if found is None:
             log.info("prompt chunks run alone: %s gives other bits at every pass size", key[0])

@@ -4,9 +4,11 @@ Layout. Each attention layer keeps one key and one value tensor of shape (rows, 
 head_dim). A sequence owns one row, its *slot*, for its whole life, and the keys and values of its
 token at position p live at [slot, :, p]. A decode pass feeds one token for each row 0..P-1 and
 attends over the first `kv_len` positions of those rows; a prefill pass feeds a chunk of one
-sequence's prompt in its own row. The caller's 4-D additive attention mask says, per row, which
-positions hold that row's tokens (transformers models use a caller's 4-D mask as it is), and the
-position ids say where each new token is, so rows of different lengths need no shifting.
+sequence's prompt in its own row, or (a shared prefill pass) a chunk of each of several
+sequences in one row of the pass, each token written to its own slot. The caller's 4-D additive
+attention mask says, per row, which positions hold that row's tokens (transformers models use a
+caller's 4-D mask as it is), and the position ids say where each new token is, so rows of
+different lengths need no shifting.
 
 Why not `DynamicCache` with left padding: it cannot take a new sequence into a running batch or
 drop one without rebuilding every layer's tensors, and shifting a sequence changes the attention's
@@ -29,8 +31,11 @@ computation a row goes through gives bit-identical results whatever the other ro
   size and on the thread that computes it, so decode passes use `_attention` (plain matrix
   products and a softmax, per row and head); keys are padded with masked positions up to a
   multiple of KV_BLOCK, so other rows' lengths only add exact zeros to a row's sums.
-- Prefill passes run one sequence alone, in chunks whose boundaries depend only on that prompt
-  (server/engine/scheduler.py), so they are computed the same way whatever else runs.
+- Prefill: chunks' boundaries depend only on their prompt (server/engine/scheduler.py). A chunk
+  shares a pass only when it is at least `shared_prefill_min_tokens` long, the pass size from
+  which the linear layers give a row the same bits whatever the size (probed when the batch is
+  opened); its attention is one SDPA call over its own slot, with the shapes and mask it has
+  alone. So a chunk is computed the same way alone or shared, whatever else runs.
 A seeded sampled request is reproducible in a batch for the same reason.
 """
 
@@ -423,7 +428,7 @@ class SlotBatch(SequenceBatch):
     def prefill_shared(self, chunks: Sequence[tuple[int, Sequence[int]]]) -> list[torch.Tensor]:
         shared_min = self._shared_min
         if len(chunks) < 2 or shared_min is None:
-            return [self.prefill(slot, ids) for slot, ids in chunks]
+            return super().prefill_shared(chunks)  # each alone
         if len({slot for slot, _ in chunks}) != len(chunks):
             raise ValueError("a shared prefill pass takes one chunk per slot")
         if len(chunks) > self.max_sequences or min(len(ids) for _, ids in chunks) < shared_min:
