@@ -22,7 +22,7 @@ import torch
 
 from server.config import load_model_specs
 from server.domain import ModelKind, Tokenization
-from server.engine.embed import EmbedBatcher
+from server.engine.embed import EmbedBatcher, measure_pass_overhead
 from server.errors import ResourceExhaustedError, UnavailableError
 from server.metrics import EngineObserver
 from server.models.base import EmbeddingModel
@@ -148,6 +148,7 @@ def make_batcher(
     max_batch_tokens: int = 8192,
     max_wait_s: float = 0.05,
     max_waiting_prompts: int = 4096,
+    pass_overhead_tokens: float | None = None,
 ) -> EmbedBatcher:
     return EmbedBatcher(
         model,
@@ -155,6 +156,7 @@ def make_batcher(
         max_batch_tokens=max_batch_tokens,
         max_wait_s=max_wait_s,
         max_waiting_prompts=max_waiting_prompts,
+        pass_overhead_tokens=pass_overhead_tokens,
         observer=observer,
     )
 
@@ -251,6 +253,30 @@ async def test_concurrent_requests_share_passes(
     assert len(recorder.passes) < len(texts)
     assert max(p.sequences for p in recorder.passes) > 1
     assert [tokens for _, tokens in results] == model.count_tokens(texts)
+
+
+async def test_one_long_prompt_in_a_round_of_short_ones_runs_in_its_own_pass(
+    model: EmbeddingModel, recorder: PassRecorder
+) -> None:
+    # The overhead the server measures at start-up, on the real model.
+    overhead = measure_pass_overhead(model)
+    assert overhead is not None
+    assert overhead >= 0
+    short = [sentence(6 + i % 4, shift=i) for i in range(15)]
+    long = sentence(400)  # cut at the model's limit
+    texts = [*short[:7], long, *short[7:]]
+    batcher = await running(make_batcher(model, recorder, pass_overhead_tokens=overhead))
+    try:
+        results = await asyncio.gather(*(batcher.embed((t,)) for t in texts))
+    finally:
+        await batcher.stop()
+    got = np.stack([vectors[0] for vectors, _ in results])
+    np.testing.assert_allclose(got, alone(model, texts), atol=1e-5)
+    # Padded together, the 16 prompts would cost 16 x 256 tokens; the long one runs alone.
+    assert sorted(p.sequences for p in recorder.passes)[0] == 1
+    longest = model.max_input_tokens
+    assert Pass(1, longest, longest) in recorder.passes
+    assert sum(p.padded_tokens for p in recorder.passes) < 4 * longest
 
 
 async def test_cancelled_callers_do_not_break_the_others(

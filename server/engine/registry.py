@@ -12,7 +12,7 @@ from pathlib import Path
 from server.config import CHAT_MAX_BATCH_TOKENS, EMBED_MAX_BATCH_TOKENS, ModelSpec
 from server.domain import ModelInfo, ModelKind, ModelLimits
 from server.engine.chat import ChatEngine
-from server.engine.embed import EmbedBatcher
+from server.engine.embed import EmbedBatcher, measure_pass_overhead
 from server.engine.threads import run_in_fresh_thread
 from server.errors import FailedPreconditionError, UnavailableError, unknown_model
 from server.metrics import NULL_OBSERVER, EngineObserver, Metrics
@@ -99,12 +99,19 @@ class ModelRegistry:
                 continue
             entry.model = model
             if isinstance(model, EmbeddingModel):
+                overhead = await run_in_fresh_thread(measure_pass_overhead, model)
+                log.info(
+                    "model %s: one embedding pass costs what %s padded tokens do",
+                    spec.id,
+                    "an unknown number of" if overhead is None else f"{overhead:.0f}",
+                )
                 entry.embed = EmbedBatcher(
                     model,
                     max_batch_size=spec.batch_size,
                     max_batch_tokens=spec.max_batch_tokens or EMBED_MAX_BATCH_TOKENS,
                     max_wait_s=spec.batch_wait_ms / 1000.0,
                     max_waiting_prompts=max(spec.max_batch_prompts, spec.batch_size) * 16,
+                    pass_overhead_tokens=overhead,
                     observer=self.observer(spec.id),
                 )
                 await entry.embed.start()
