@@ -21,9 +21,9 @@ from typing import Any
 import grpc
 import torch
 
+from bench.chat_stream import read_greedy_stream
 from bench.defaults import CHAT_ADDED_TTFT_MS_TARGET, CHAT_TOK_S_RATIO_TARGET, DEFAULT_PROMPT
 from bench.report import Metric, median
-from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
 
 # Warm-up length: enough to run prefill and a few decode steps through every code path once.
@@ -267,36 +267,18 @@ def stream_once(
     stub: pb_grpc.GlmServiceStub, prompt: str, max_tokens: int, timeout_s: float = 300.0
 ) -> StreamRun:
     """Run one greedy Chat stream and time it from the client's side."""
-    request = pb.ChatRequest(
-        messages=[pb.ChatMessage(role="user", content=prompt)],
-        temperature=0.0,
-        max_tokens=max_tokens,
-    )
-    pieces: list[str] = []
-    ttft: float | None = None
-    finish = ""
-    usage = pb.Usage()
-    chunks = 0
-    started = time.perf_counter()
-    for response in stub.Chat(request, timeout=timeout_s):
-        chunks += 1
-        choice = response.choices[0]
-        if choice.delta.content:
-            if ttft is None:
-                ttft = time.perf_counter() - started
-            pieces.append(choice.delta.content)
-        if choice.finish_reason:
-            finish = choice.finish_reason
-            usage = response.usage
-    total = time.perf_counter() - started
+    read = read_greedy_stream(stub, prompt, max_tokens, timeout_s)
+    if read.error is not None:
+        raise read.error
+    total = read.ended - read.sent
     return StreamRun(
-        ttft_s=total if ttft is None else ttft,
+        ttft_s=total if read.first_token is None else read.first_token - read.sent,
         total_s=total,
-        completion_tokens=usage.completion_tokens,
-        prompt_tokens=usage.prompt_tokens,
-        finish_reason=finish,
-        chunks=chunks,
-        text="".join(pieces),
+        completion_tokens=read.completion_tokens,
+        prompt_tokens=read.prompt_tokens,
+        finish_reason=read.finish_reason,
+        chunks=read.chunks,
+        text=read.text,
     )
 
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import grpc
 
+from bench.chat_stream import read_greedy_stream
 from bench.defaults import (
     STREAMS_SCALING_TARGET,
     STREAMS_VS_TSERVE_RSS_TARGET,
@@ -49,7 +50,6 @@ from bench.load import BUSY_CORES_LIMIT, BackgroundLoad
 from bench.report import Metric, median
 from bench.serve_baseline import TransformersServe
 from bench.server_process import ServerProcess
-from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
 
 GLM = "glm-api"
@@ -366,39 +366,20 @@ def glm_stream(
     stub: pb_grpc.GlmServiceStub, index: int, prompt: str, max_tokens: int
 ) -> StreamSample:
     """One greedy Chat stream over gRPC, timed from the client's side."""
-    request = pb.ChatRequest(
-        messages=[pb.ChatMessage(role="user", content=prompt)],
-        temperature=0.0,
-        max_tokens=max_tokens,
-    )
-    pieces: list[str] = []
-    first: float | None = None
-    finish = ""
-    usage = pb.Usage()
-    sent = time.perf_counter()
-    try:
-        for response in stub.Chat(request, timeout=_STREAM_TIMEOUT_S):
-            choice = response.choices[0]
-            if choice.delta.content:
-                if first is None:
-                    first = time.perf_counter()
-                pieces.append(choice.delta.content)
-            if choice.finish_reason:
-                finish = choice.finish_reason
-                usage = response.usage
-    except grpc.RpcError as exc:
-        return StreamSample(
-            index, sent, first, time.perf_counter(), 0, 0, "", "".join(pieces), _rpc_error(exc)
-        )
+    read = read_greedy_stream(stub, prompt, max_tokens, _STREAM_TIMEOUT_S)
+    if read.error is not None:
+        error = _rpc_error(read.error)
+        times = (read.sent, read.first_token, read.ended)
+        return StreamSample(index, *times, 0, 0, "", read.text, error)
     return StreamSample(
         index,
-        sent,
-        first,
-        time.perf_counter(),
-        usage.completion_tokens,
-        usage.prompt_tokens,
-        finish,
-        "".join(pieces),
+        read.sent,
+        read.first_token,
+        read.ended,
+        read.completion_tokens,
+        read.prompt_tokens,
+        read.finish_reason,
+        read.text,
     )
 
 
