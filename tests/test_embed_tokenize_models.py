@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +142,22 @@ async def test_list_models_publishes_limits(stub: pb_grpc.GlmServiceStub) -> Non
     assert embed.max_new_tokens == 0
     assert chat.created > 1_700_000_000
     assert chat.owned_by == "HuggingFaceTB"
+
+
+async def test_embedding_passes_run_on_the_chat_scheduler_thread(
+    glm_app: GlmApp, stub: pb_grpc.GlmServiceStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One thread runs all model work where a chat model is served (see the registry).
+    _, _, model = glm_app.registry.embedder("")
+    threads: list[str] = []
+    encode = model.encode
+
+    def recording(texts: object) -> np.ndarray:
+        threads.append(threading.current_thread().name)
+        return encode(texts)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model, "encode", recording)
+    response = await stub.Embed(pb.EmbedRequest(prompt=["where does this run?"]), timeout=30)
+    assert len(response.data) == 1
+    assert threads
+    assert all(name.startswith("chat-scheduler-") for name in threads)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from server.config import CHAT_MAX_BATCH_TOKENS
@@ -107,6 +107,10 @@ class ChatEngine:
         """Bytes of key/value memory the running sequences hold (None: the model cannot tell)."""
         batch = self._scheduler.batch
         return batch.cache_bytes if batch is not None else 0
+
+    def call_between_steps(self, call: Callable[[], None]) -> bool:
+        """Run other model work on the scheduler thread between steps (Scheduler's docstring)."""
+        return self._scheduler.call_between_steps(call)
 
     async def start(self) -> None:
         """Wait until the scheduler can run sequences; raise why it cannot."""

@@ -21,6 +21,9 @@ One iteration of the loop is one *step*:
    text goes out in the step that finished its prompt; it joins the decode pass from the next
    step on.
 
+Between steps the thread also runs the process's other model work handed to it
+(`call_between_steps`: embedding passes), so that one OpenMP team serves all of it.
+
 The loop sleeps while there is nothing to do. Events for the consumers are handed to their event
 loops after each decode pass and each completed prompt, in one call per event loop.
 """
@@ -172,6 +175,8 @@ class Scheduler:
         self._observer = observer
         self._cond = threading.Condition()
         self._inbox: deque[Job] = deque()
+        # Other model work (embedding passes) run on this thread between steps.
+        self._calls: deque[Callable[[], None]] = deque()
         self._stopping = False
         # Why the thread ended, for requests submitted after that (None: still running).
         self._ended: BaseException | None = None
@@ -209,6 +214,21 @@ class Scheduler:
                 return
         items: list[tuple[Job, Item | None]] = [(job, self._ended or _shutting_down()), (job, None)]
         job.loop.call_soon_threadsafe(_deliver, items)
+
+    def call_between_steps(self, call: Callable[[], None]) -> bool:
+        """Run `call` on the scheduler thread before its next step; False once stopping.
+
+        For the other model work of the process (embedding passes): on a CPU it then shares
+        this thread's OpenMP team instead of starting one of its own, so both run at full speed
+        instead of each at the throttled speed of two teams on too few CPUs (see
+        server/engine/threads.py). `call` must not raise; it delays the next step by its length.
+        """
+        with self._cond:
+            if self._stopping:
+                return False
+            self._calls.append(call)
+            self._cond.notify()
+            return True
 
     def wait_open(self) -> None:
         """Block until the batch is open; raise why it could not be opened.
@@ -257,13 +277,26 @@ class Scheduler:
             self._opened.set()
         try:
             while self._wait_for_work():
-                self._step()
-                self._flush()
+                self._run_calls()
+                if self._inbox or self._busy():
+                    self._step()
+                    self._flush()
         except BaseException as exc:  # a bug: fail every request rather than hang them all
             log.exception("the chat scheduler failed")
             self._fail_everything(exc)
+            self._run_calls()
             return
         self._fail_everything(_shutting_down())
+        # Calls accepted before stopping still run: their callers are waiting for them.
+        self._run_calls()
+
+    def _run_calls(self) -> None:
+        while True:
+            with self._cond:
+                if not self._calls:
+                    return
+                call = self._calls.popleft()
+            call()
 
     def _wait_for_work(self) -> bool:
         """Block until there is something to do; False once stopping.
@@ -278,19 +311,22 @@ class Scheduler:
         """
         with self._cond:
             idle = not self._busy()
-            while not self._stopping and not self._inbox and not self._busy():
+            while not self._stopping and not self._inbox and not self._busy() and not self._calls:
                 self._cond.wait()
-            if idle and self._max_wait_s > 0:
+            if idle and self._inbox and self._max_wait_s > 0:
                 deadline = time.monotonic() + self._max_wait_s
                 arrived = len(self._inbox)
+                gap_ends = time.monotonic() + ARRIVAL_GAP_S
                 while not self._stopping and len(self._inbox) < self._max_concurrent:
-                    left = deadline - time.monotonic()
+                    left = min(deadline, gap_ends) - time.monotonic()
                     if left <= 0:
                         break
-                    self._cond.wait(min(left, ARRIVAL_GAP_S))
-                    if len(self._inbox) == arrived:
-                        break
-                    arrived = len(self._inbox)
+                    # Woken by a request, by other work (which waits for the burst too), or by
+                    # the timeout: only a new request restarts the gap.
+                    self._cond.wait(left)
+                    if len(self._inbox) != arrived:
+                        arrived = len(self._inbox)
+                        gap_ends = time.monotonic() + ARRIVAL_GAP_S
             return not self._stopping
 
     def _busy(self) -> bool:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -172,3 +172,60 @@ def test_the_wait_is_capped(
     monkeypatch.setattr(scheduler_module, "ARRIVAL_GAP_S", 0.5)
     passes = run(monkeypatch, loop, [20] * 8, max_wait_s=0.1, spacing_s=0.05)
     assert 1 <= len(passes[0]) < 8
+
+
+def test_other_model_work_runs_on_the_scheduler_thread_between_steps(
+    monkeypatch: pytest.MonkeyPatch, loop: asyncio.AbstractEventLoop
+) -> None:
+    batch = RecordingBatch(8, 12)
+    monkeypatch.setattr(scheduler_module, "open_batch", lambda *args: batch)
+    scheduler = Scheduler(
+        MODEL,  # type: ignore[arg-type]  # the scheduler reads only these attributes
+        max_concurrent=8,
+        max_batch_tokens=256,
+    )
+    scheduler.wait_open()
+    ran: list[tuple[str, int]] = []
+    done = threading.Event()
+    release = threading.Event()
+
+    def call(name: str, then: threading.Event | None = None) -> Callable[[], None]:
+        def run() -> None:
+            # Where it ran, and how many prefill passes the scheduler had run by then.
+            ran.append((threading.current_thread().name, len(batch.passes)))
+            if then is not None:
+                then.set()
+            release.wait(5)
+
+        return run
+
+    try:
+        # From idle: a call alone wakes the thread.
+        assert scheduler.call_between_steps(call("first", done))
+        assert done.wait(5)
+        assert ran[0][0].startswith("chat-scheduler-")
+        # While the thread runs a call, a request and a second call arrive: the call runs first,
+        # then the step that prefills the request (calls run before each step).
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        request = ChatRequest(
+            model="m",
+            messages=(ChatMessage(Role.USER, "hi"),),
+            sampling=SamplingParams(temperature=0.0, max_tokens=4),
+        )
+        finished = threading.Semaphore(0)
+        scheduler.submit(Job(request, [1] * 20, 4, loop, queue, on_done=finished.release))
+        second = threading.Event()
+        assert scheduler.call_between_steps(call("second", second))
+        release.set()
+        assert second.wait(5)
+        while not finished.acquire(timeout=0.01):
+            loop.run_until_complete(asyncio.sleep(0))
+        assert ran[1] == (ran[0][0], 0)
+        assert batch.passes == [[(0, 20)]]
+    finally:
+        release.set()
+        scheduler.stop()
+        scheduler.join(10)
+    # Once stopping, calls are refused (their callers run them elsewhere).
+    assert not scheduler.call_between_steps(call("late"))
+    assert len(ran) == 2
