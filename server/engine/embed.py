@@ -15,7 +15,8 @@ takes every waiting request as one round:
    minimises what the round costs: every pass pays a fixed part (reading the weights), measured
    at start-up, and one part per padded token, so a round of short and long prompts becomes two
    passes when the padding it saves is worth more than the second pass (all-MiniLM-L6-v2 on
-   2 cores: a 32-sentence round of 11-27 tokens runs 5-9% faster cut in two). A request with
+   2 cores: a 32-sentence round of 11-27 tokens runs 3-5% faster cut in two; one 256-token
+   prompt among 31 short ones, 10x faster). A request with
    more prompts than a pass holds is spread over several passes, and a single prompt longer
    than the budget runs alone.
 3. It runs the passes one after another: `encode` on the chat scheduler's thread between its
@@ -158,10 +159,12 @@ def measure_pass_overhead(
 
     A pass costs about `fixed + per_token x rows x longest`: the fixed part is reading every
     weight once plus the per-call work, and it dominates small passes (MiniLM on 2 CPU cores:
-    about 8 ms fixed against 0.15 ms a token, so one more pass costs what ~55 padded tokens do).
-    Timed on a one-prompt pass and an 8 x 32-token pass, the fastest of `repeats` each. None when
-    the two cannot be told apart (a GPU, where small passes cost about the same): passes are then
-    simply as large as the limits allow. Blocks; run it off the event loop.
+    about 9 ms fixed against 0.15 ms a token, so one more pass costs what 70-90 padded tokens
+    do). Timed on a one-prompt pass and an 8 x 32-token pass, the fastest of `repeats` each.
+    None when the larger pass is not slower (nothing to divide by): passes are then as large as
+    the limits allow. On a GPU, where small passes cost about the same as larger ones, the
+    overhead comes out so large that the cut is the fewest passes anyway. Blocks; run it off the
+    event loop.
     """
     short = ["hello"]
     long = [" ".join(["hello"] * 30)] * 8
