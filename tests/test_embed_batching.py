@@ -135,6 +135,17 @@ async def running(batcher: EmbedBatcher) -> EmbedBatcher:
     return batcher
 
 
+async def embed_each(batcher: EmbedBatcher, texts: Sequence[str]) -> tuple[np.ndarray, list[int]]:
+    """Each text as a request of its own, all at once, on `batcher` (started here, then stopped):
+    the vectors in order, and each request's token count."""
+    await batcher.start()
+    try:
+        results = await asyncio.gather(*(batcher.embed((t,)) for t in texts))
+    finally:
+        await batcher.stop()
+    return np.stack([vectors[0] for vectors, _ in results]), [tokens for _, tokens in results]
+
+
 @pytest.fixture
 def recorder() -> PassRecorder:
     return PassRecorder()
@@ -243,16 +254,11 @@ async def test_concurrent_requests_share_passes(
     model: EmbeddingModel, recorder: PassRecorder
 ) -> None:
     texts = [sentence(3 + i % 7, shift=i) for i in range(16)]
-    batcher = await running(make_batcher(model, recorder))
-    try:
-        results = await asyncio.gather(*(batcher.embed((t,)) for t in texts))
-    finally:
-        await batcher.stop()
-    got = np.stack([vectors[0] for vectors, _ in results])
+    got, tokens = await embed_each(make_batcher(model, recorder), texts)
     np.testing.assert_allclose(got, alone(model, texts), atol=1e-5)
     assert len(recorder.passes) < len(texts)
     assert max(p.sequences for p in recorder.passes) > 1
-    assert [tokens for _, tokens in results] == model.count_tokens(texts)
+    assert tokens == model.count_tokens(texts)
 
 
 async def test_one_long_prompt_in_a_round_of_short_ones_runs_in_its_own_pass(
@@ -265,12 +271,7 @@ async def test_one_long_prompt_in_a_round_of_short_ones_runs_in_its_own_pass(
     short = [sentence(6 + i % 4, shift=i) for i in range(15)]
     long = sentence(400)  # cut at the model's limit
     texts = [*short[:7], long, *short[7:]]
-    batcher = await running(make_batcher(model, recorder, pass_overhead_tokens=overhead))
-    try:
-        results = await asyncio.gather(*(batcher.embed((t,)) for t in texts))
-    finally:
-        await batcher.stop()
-    got = np.stack([vectors[0] for vectors, _ in results])
+    got, _ = await embed_each(make_batcher(model, recorder, pass_overhead_tokens=overhead), texts)
     np.testing.assert_allclose(got, alone(model, texts), atol=1e-5)
     # Padded together, the 16 prompts would cost 16 x 256 tokens; the long one runs alone.
     assert sorted(p.sequences for p in recorder.passes)[0] == 1

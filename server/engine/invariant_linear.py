@@ -279,9 +279,11 @@ def _fastest_large(
     more memory than caches hold, without a large model's prompt-sized passes taking minutes.
     """
     timed: list[torch.nn.Linear] = []
+    timed_bytes = 0
     for m in layers:
         timed.append(m)
-        if sum(t.weight.nbytes for t in timed) >= _TIMED_BYTES:
+        timed_bytes += m.weight.nbytes
+        if timed_bytes >= _TIMED_BYTES:
             break
     layers = timed
     weight = layers[0].weight
