@@ -82,6 +82,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ),
     )
     parser.add_argument(
+        "--tserve-cache",
+        choices=("both", *(c.label.replace(" ", "-") for c in defaults.TSERVE_CACHES)),
+        default="both",
+        help=(
+            "which cache sizings of transformers serve the streams part compares with "
+            "(%(default)s; as shipped, it fills 60%% of the free RAM with its cache)"
+        ),
+    )
+    parser.add_argument(
         "--stream-tokens",
         type=int,
         default=defaults.STREAM_TOKENS,
@@ -284,7 +293,8 @@ def bench_streams(args: argparse.Namespace) -> tuple[dict[str, Any], list[Metric
     say(
         f"streams: {', '.join(map(str, counts))} concurrent greedy Chat streams of "
         f"{args.stream_tokens} tokens against glm-api, then {defaults.STREAM_COMPARED} against "
-        f"transformers serve; model {spec.id} (dtype {spec.dtype}) from {folder}"
+        f"transformers serve (cache: {args.tserve_cache}); model {spec.id} (dtype {spec.dtype}) "
+        f"from {folder}"
     )
     streams = run_streams(
         model_id=spec.id,
@@ -294,6 +304,11 @@ def bench_streams(args: argparse.Namespace) -> tuple[dict[str, Any], list[Metric
         compared=defaults.STREAM_COMPARED,
         prompts=defaults.STREAM_PROMPTS,
         tokens=args.stream_tokens,
+        caches=[
+            c
+            for c in defaults.TSERVE_CACHES
+            if args.tserve_cache in ("both", c.label.replace(" ", "-"))
+        ],
         say=say,
     )
     return streams.as_dict(), streams.metrics()

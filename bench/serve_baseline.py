@@ -4,11 +4,13 @@ The concurrent-streams benchmark compares glm-api with the server that ships wit
 itself, on the same weights folder, dtype and machine, so the question "is glm-api worth running
 instead?" gets an answer measured in the same run.
 
-Two of its defaults are not fit for a CPU comparison and are overridden (see TransformersServe):
-on CPU, continuous batching sizes its paged KV cache from 90% of the machine's total RAM
-(transformers.generation.continuous_batching.utils.get_device_and_memory_breakdown) and
-allocates it with torch.zeros, which would touch gigabytes and swamp the resident-memory
-comparison; and its default step budget is 8192 tokens, where glm-api's is 256.
+It runs either as shipped or with its cache sized for the workload (bench/tserve_cache.py). As
+shipped, on a CPU, continuous batching sizes its paged KV cache from 60% of the machine's RAM
+less its own resident set (transformers.generation.continuous_batching:
+get_device_and_memory_breakdown and resolve_max_memory_percent) and allocates it with
+torch.zeros, which touches every page: that is what a user who runs it gets, and most of its
+resident memory. Sized, its memory measures what the server itself costs; its default step
+budget is also 8192 tokens, where glm-api's is 256.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import IO
 import psutil
 
 from bench.server_process import PROJECT_ROOT, ChildProcess, free_port, read_vm_hwm
+from bench.tserve_cache import TserveCache
 
 
 class BaselineError(RuntimeError):
@@ -51,24 +54,22 @@ def tree_peak_rss_bytes(pid: int) -> int | None:
 class TransformersServe(ChildProcess):
     """One ``transformers serve`` child in its own process group; always stopped on exit.
 
-    `num_blocks` and `max_batch_tokens` size its continuous-batching cache explicitly (see the
-    module docstring). A block holds page_size (256) tokens of every layer, and a request takes
-    whole blocks, so a few blocks per expected concurrent stream is ample.
+    `cache` says which of its continuous-batching cache settings are given and which are left to
+    its defaults (see the module docstring). A block holds page_size (256) tokens of every layer,
+    and a request takes whole blocks, so a few blocks per expected concurrent stream is ample.
     """
 
     def __init__(
         self,
         model_folder: Path,
         *,
-        num_blocks: int,
-        max_batch_tokens: int,
+        cache: TserveCache,
         host: str = "127.0.0.1",
         start_timeout_s: float = 300.0,
         stop_timeout_s: float = 10.0,
     ) -> None:
         self.model_folder = model_folder
-        self.num_blocks = num_blocks
-        self.max_batch_tokens = max_batch_tokens
+        self.cache = cache
         self.host = host
         self.port = free_port(host)
         self.start_timeout_s = start_timeout_s
@@ -103,10 +104,7 @@ class TransformersServe(ChildProcess):
             self.host,
             "--port",
             str(self.port),
-            "--cb-num-blocks",
-            str(self.num_blocks),
-            "--cb-max-batch-tokens",
-            str(self.max_batch_tokens),
+            *self.cache.flags(),
             "--log-level",
             "warning",
         ]

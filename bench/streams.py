@@ -5,7 +5,8 @@ glm-api is started as a real ``python -m server`` child that serves the default 
 stream count), and N greedy Chat streams are opened at once over one gRPC channel, for each N.
 Then ``transformers serve --continuous-batching`` serves the very same weights folder in float32
 on the CPU (bench/serve_baseline.py) and gets the same N-stream workload through its
-OpenAI-compatible streaming route. The two servers never run at the same time.
+OpenAI-compatible streaming route, once for each of its cache sizings (as shipped, and sized for
+the workload: bench/defaults.py TSERVE_CACHES). No two servers ever run at the same time.
 
 Why these measures:
 - aggregate tokens/s (every stream's completion tokens over the wall time from the first send to
@@ -40,16 +41,15 @@ import grpc
 from bench.chat_stream import read_greedy_stream
 from bench.defaults import (
     STREAMS_SCALING_TARGET,
-    STREAMS_VS_TSERVE_RSS_TARGET,
     STREAMS_VS_TSERVE_TOK_S_TARGET,
     STREAMS_VS_TSERVE_TTFT_TARGET,
-    TSERVE_CB_MAX_BATCH_TOKENS,
-    TSERVE_CB_NUM_BLOCKS,
+    TSERVE_CACHES,
 )
 from bench.load import BUSY_CORES_LIMIT, BackgroundLoad
 from bench.report import Metric, median
 from bench.serve_baseline import TransformersServe
 from bench.server_process import ServerProcess
+from bench.tserve_cache import TserveCache
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
 
 GLM = "glm-api"
@@ -189,11 +189,13 @@ class StreamsResults:
     tokens: int
     compared: int
     glm: dict[int, Workload] = field(default_factory=dict)
-    tserve: Workload | None = None
+    # One workload, start-up time and loaded RSS per cache sizing of transformers serve, by label.
+    tserve: dict[str, Workload] = field(default_factory=dict)
+    caches: dict[str, TserveCache] = field(default_factory=dict)
     glm_loaded_rss_bytes: int | None = None
-    tserve_loaded_rss_bytes: int | None = None
+    tserve_loaded_rss_bytes: dict[str, int | None] = field(default_factory=dict)
     glm_ready_s: float | None = None
-    tserve_ready_s: float | None = None
+    tserve_ready_s: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def scaling(self) -> float | None:
@@ -203,9 +205,9 @@ class StreamsResults:
             return None
         return many.aggregate_tok_s / one.aggregate_tok_s
 
-    def identical_replies(self) -> tuple[int, int]:
+    def identical_replies(self, label: str) -> tuple[int, int]:
         """How many greedy replies of the compared workload are the same text on both servers."""
-        ours, theirs = self.glm.get(self.compared), self.tserve
+        ours, theirs = self.glm.get(self.compared), self.tserve.get(label)
         if ours is None or theirs is None:
             return 0, 0
         their_text = {s.stream: s.text for s in theirs.completed}
@@ -230,47 +232,13 @@ class StreamsResults:
             ],
             any(w is not None and w.noisy for w in (one, ours)),
         )
-        theirs = self.tserve
-        if theirs is not None:
+        for label, theirs in self.tserve.items():
             lines += _flagged(_workload_metrics(theirs, p99=False), theirs.noisy)
-        noisy = any(w is not None and w.noisy for w in (ours, theirs))
-        lines += _flagged(
-            [
-                Metric(
-                    f"streams x{self.compared}: glm-api / transformers serve aggregate tok/s",
-                    _ratio(ours, theirs, lambda w: w.aggregate_tok_s),
-                    "",
-                    STREAMS_VS_TSERVE_TOK_S_TARGET,
-                ),
-                Metric(
-                    f"streams x{self.compared}: glm-api / transformers serve TTFT p50",
-                    _ratio(ours, theirs, lambda w: w.ttft_ms(50)),
-                    "",
-                    STREAMS_VS_TSERVE_TTFT_TARGET,
-                ),
-                Metric(
-                    f"streams x{self.compared}: glm-api / transformers serve TTFT mean",
-                    _ratio(ours, theirs, lambda w: w.ttft_mean_ms),
-                ),
-                Metric(
-                    f"streams x{self.compared}: glm-api / transformers serve peak RSS",
-                    _ratio(ours, theirs, lambda w: w.peak_rss_bytes),
-                    "",
-                    STREAMS_VS_TSERVE_RSS_TARGET,
-                ),
-            ],
-            noisy,
-        )
-        same, total = self.identical_replies()
+            noisy = any(w is not None and w.noisy for w in (ours, theirs))
+            lines += _flagged(self._comparison(label, ours, theirs), noisy)
         unfinished = sum(len(w.unfinished) for w in self.workloads)
         streams = sum(len(w.samples) for w in self.workloads)
         lines += [
-            Metric(
-                f"streams x{self.compared}: greedy replies identical on both servers",
-                float(same) if total else None,
-                f"of {total}",
-                digits=0,
-            ),
             Metric(
                 "streams: streams not ended by max_tokens (or failed)",
                 float(unfinished),
@@ -285,26 +253,56 @@ class StreamsResults:
         ]
         return lines
 
+    def _comparison(self, label: str, ours: Workload | None, theirs: Workload) -> list[Metric]:
+        """glm-api against one cache sizing of transformers serve, at the compared count."""
+        head = f"streams x{self.compared}: glm-api / transformers serve ({label})"
+        same, total = self.identical_replies(label)
+        return [
+            Metric(
+                f"{head} aggregate tok/s",
+                _ratio(ours, theirs, lambda w: w.aggregate_tok_s),
+                "",
+                STREAMS_VS_TSERVE_TOK_S_TARGET,
+            ),
+            Metric(
+                f"{head} TTFT p50",
+                _ratio(ours, theirs, lambda w: w.ttft_ms(50)),
+                "",
+                STREAMS_VS_TSERVE_TTFT_TARGET,
+            ),
+            Metric(f"{head} TTFT mean", _ratio(ours, theirs, lambda w: w.ttft_mean_ms)),
+            Metric(
+                f"{head} peak RSS",
+                _ratio(ours, theirs, lambda w: w.peak_rss_bytes),
+                "",
+                self.caches[label].rss_target,
+            ),
+            Metric(
+                f"{head}: greedy replies identical",
+                float(same) if total else None,
+                f"of {total}",
+                digits=0,
+            ),
+        ]
+
     @property
     def workloads(self) -> list[Workload]:
-        return [*self.glm.values(), *([self.tserve] if self.tserve is not None else [])]
+        return [*self.glm.values(), *self.tserve.values()]
 
     def as_dict(self) -> dict[str, Any]:
-        same, total = self.identical_replies()
         return {
             "model": self.model,
             "folder": self.folder,
             "tokens": self.tokens,
             "compared": self.compared,
             "scaling": self.scaling,
-            "identical_replies": same,
-            "compared_replies": total,
+            "identical_replies": {label: self.identical_replies(label) for label in self.tserve},
             "glm_loaded_rss_bytes": self.glm_loaded_rss_bytes,
             "tserve_loaded_rss_bytes": self.tserve_loaded_rss_bytes,
             "glm_ready_s": self.glm_ready_s,
             "tserve_ready_s": self.tserve_ready_s,
             "glm": [w.as_dict() for _, w in sorted(self.glm.items())],
-            "tserve": None if self.tserve is None else self.tserve.as_dict(),
+            "tserve": {label: w.as_dict() for label, w in self.tserve.items()},
         }
 
 
@@ -550,9 +548,11 @@ def run_streams(
     compared: int,
     prompts: Sequence[str],
     tokens: int,
+    caches: Sequence[TserveCache] = TSERVE_CACHES,
     say: Callable[[str], None] = print,
 ) -> StreamsResults:
-    """glm-api at every count, then transformers serve at the compared count; one at a time."""
+    """glm-api at every count, then transformers serve at the compared count with each of
+    `caches`; one server at a time."""
     results = StreamsResults(model=model_id, folder=str(folder), tokens=tokens, compared=compared)
     glm_counts = sorted({*counts, compared})
     warmup = min(compared, len(prompts))
@@ -587,40 +587,60 @@ def run_streams(
                     _report_unfinished(w, say)
         finally:
             server.stop()
-    baseline = TransformersServe(
-        folder, num_blocks=TSERVE_CB_NUM_BLOCKS, max_batch_tokens=TSERVE_CB_MAX_BATCH_TOKENS
-    )
+    for cache in caches:
+        results.caches[cache.label] = cache
+        results.tserve[cache.label] = run_tserve(
+            results, cache, folder=folder, prompts=prompts, tokens=tokens, warmup=warmup, say=say
+        )
+    return results
+
+
+def run_tserve(
+    results: StreamsResults,
+    cache: TserveCache,
+    *,
+    folder: Path,
+    prompts: Sequence[str],
+    tokens: int,
+    warmup: int,
+    say: Callable[[str], None],
+) -> Workload:
+    """The compared workload against one transformers serve child, with `cache`; always stopped."""
+    label = cache.label
+    baseline = TransformersServe(folder, cache=cache)
     try:
         baseline.start()
         say(
             f"  transformers serve --continuous-batching on 127.0.0.1:{baseline.port} "
-            f"(pid {baseline.pid}), {folder}, float32, cpu, --cb-num-blocks "
-            f"{baseline.num_blocks} --cb-max-batch-tokens {baseline.max_batch_tokens}"
+            f"(pid {baseline.pid}), {folder}, float32, cpu, {cache.describe()}"
         )
-        results.tserve_ready_s = baseline.wait_ready()
-        results.tserve_loaded_rss_bytes = baseline.peak_rss_bytes()
+        results.tserve_ready_s[label] = baseline.wait_ready()
+        results.tserve_loaded_rss_bytes[label] = baseline.peak_rss_bytes()
 
         def tserve_call(i: int, prompt: str, n: int) -> StreamSample:
             return openai_stream(baseline.host, baseline.port, i, prompt, n)
 
         run_concurrent(tserve_call, warmup, prompts, _WARMUP_TOKENS)
         load = BackgroundLoad(baseline.pid)
-        w = measure(TSERVE, tserve_call, compared, prompts, tokens, load, baseline.peak_rss_bytes)
-        results.tserve = w
+        server = f"{TSERVE} ({label})"
+        w = measure(
+            server, tserve_call, results.compared, prompts, tokens, load, baseline.peak_rss_bytes
+        )
         say(w.summary())
         _report_unfinished(w, say)
     finally:
         baseline.stop()
-    _check_prompt_lengths(results.glm[compared], w, say)
-    same, total = results.identical_replies()
+    _check_prompt_lengths(results.glm[results.compared], w, say)
+    results.tserve[label] = w
+    same, total = results.identical_replies(label)
     say(
         f"  greedy replies identical on both servers: {same} of {total}; start to ready: glm-api "
-        f"{_fmt(results.glm_ready_s, '.1f')} s, transformers serve "
-        f"{_fmt(results.tserve_ready_s, '.1f')} s; peak RSS once loaded: glm-api "
-        f"{_fmt(_mib(results.glm_loaded_rss_bytes), '.0f')} MiB, transformers serve "
-        f"{_fmt(_mib(results.tserve_loaded_rss_bytes), '.0f')} MiB"
+        f"{_fmt(results.glm_ready_s, '.1f')} s, {server} "
+        f"{_fmt(results.tserve_ready_s[label], '.1f')} s; peak RSS once loaded: glm-api "
+        f"{_fmt(_mib(results.glm_loaded_rss_bytes), '.0f')} MiB, {server} "
+        f"{_fmt(_mib(results.tserve_loaded_rss_bytes[label]), '.0f')} MiB"
     )
-    return results
+    return w
 
 
 def _report_unfinished(w: Workload, say: Callable[[str], None]) -> None:
