@@ -9,6 +9,11 @@ in-process baselines at batch 32:
   before cutting them into batches of 32, so its batches hold less padding than any batch of 32
   arrival-ordered sentences can (about 10% faster here). Reported, with its ratio, for context.
 In-process encode at batch 1 is reported too: it is what the server would do without batching.
+
+The server embeds a batch without padding (server/models/packed_encoder.py), where `encode`
+pads every sentence of a batch to the longest. So a third in-process baseline, for context,
+runs the server's own unpadded pass on each round: the server's ratio to it is what serving
+costs (the calls' transport and batching) with the model work the same on both sides.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import numpy as np
+import torch
 
 from bench.defaults import CONCURRENCY, EMBED_RATIO_TARGET, ROUNDS
 from bench.report import Metric, median
@@ -84,6 +90,8 @@ class EmbedResults:
     rounds: int
     batch32_s: list[float] = field(default_factory=list)
     rounds32_s: list[float] = field(default_factory=list)
+    # The server's unpadded pass on each round, in process (empty where the model pads).
+    packed_rounds_s: list[float] = field(default_factory=list)
     batch1_s: list[float] = field(default_factory=list)
     server_s: list[float] = field(default_factory=list)
     max_abs_diff: float = 0.0
@@ -111,6 +119,13 @@ class EmbedResults:
     def ratio(self) -> float:
         """Server / per-round encode: the median of the per-repeat ratios (back to back)."""
         return median([r / s for r, s in zip(self.rounds32_s, self.server_s, strict=True)])
+
+    @property
+    def packed_ratio(self) -> float | None:
+        """Server / the server's own unpadded pass per round, in process."""
+        if not self.packed_rounds_s:
+            return None
+        return median([p / s for p, s in zip(self.packed_rounds_s, self.server_s, strict=True)])
 
     @property
     def whole_set_ratio(self) -> float:
@@ -143,6 +158,10 @@ class EmbedResults:
                 "embed: server / in-process batch 32 per round", self.ratio, "", EMBED_RATIO_TARGET
             ),
             Metric("embed: server / in-process batch 32 whole set", self.whole_set_ratio),
+            Metric(
+                "embed: server / in-process unpadded passes per round (the server's model code)",
+                self.packed_ratio,
+            ),
         ]
 
     def as_dict(self) -> dict[str, Any]:
@@ -157,10 +176,12 @@ class EmbedResults:
             "batch1_per_s": self.batch1_per_s,
             "server_per_s": self.server_per_s,
             "ratio": self.ratio,
+            "packed_ratio": self.packed_ratio,
             "ratio_of_medians": self.server_per_s / self.batch32_per_s,
             "max_abs_diff_vs_in_process": self.max_abs_diff,
             "batch32_s": self.batch32_s,
             "rounds32_s": self.rounds32_s,
+            "packed_rounds_s": self.packed_rounds_s,
             "batch1_s": self.batch1_s,
             "server_s": self.server_s,
         }
@@ -172,7 +193,14 @@ class InProcessEmbedder:
     def __init__(self, folder: Path) -> None:
         from sentence_transformers import SentenceTransformer
 
+        from server.models.packed_encoder import PackedEncoder
+
         self.model = SentenceTransformer(str(folder), device="cpu")
+        # Built on a copy: building one switches the encoder's attention implementation, and
+        # the padded baselines must run sentence-transformers exactly as it ships.
+        self.packed, self.not_packed = PackedEncoder.build(
+            SentenceTransformer(str(folder), device="cpu")
+        )
 
     def encode(self, sentences: list[str], batch_size: int) -> tuple[float, np.ndarray]:
         """Seconds to embed `sentences` `batch_size` at a time, and the vectors."""
@@ -185,6 +213,16 @@ class InProcessEmbedder:
         started = time.perf_counter()
         for first in range(0, len(sentences), size):
             self._encode(sentences[first : first + size], size)
+        return time.perf_counter() - started
+
+    def encode_rounds_packed(self, sentences: list[str], size: int) -> float | None:
+        """As encode_rounds, with the server's unpadded pass; None where the model pads."""
+        if self.packed is None:
+            return None
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for first in range(0, len(sentences), size):
+                self.packed.encode(sentences[first : first + size])
         return time.perf_counter() - started
 
     def _encode(self, sentences: list[str], batch_size: int) -> np.ndarray:
@@ -260,17 +298,23 @@ def run_embed(
     try:
         # Warm-up, not timed: first forward passes, the connection, the server's batcher task.
         embedder.encode(sentences[:concurrency], concurrency)
+        embedder.encode_rounds_packed(sentences[:concurrency], concurrency)
+        if embedder.packed is None:
+            say(f"  embed: no unpadded baseline, the model pads its batches: {embedder.not_packed}")
         server.rounds(sentences[:concurrency], concurrency)
         for i in range(repeats):
             # The two sides of the ratio run back to back; batch 1 is context, so it goes last.
             rounds_s = embedder.encode_rounds(sentences, concurrency)
             server_s, vectors = server.rounds(sentences, concurrency)
+            packed_s = embedder.encode_rounds_packed(sentences, concurrency)
             b32_s, reference = embedder.encode(sentences, 32)
             b1_s, _ = embedder.encode(sentences, 1)
             results.rounds32_s.append(rounds_s)
             results.batch32_s.append(b32_s)
             results.batch1_s.append(b1_s)
             results.server_s.append(server_s)
+            if packed_s is not None:
+                results.packed_rounds_s.append(packed_s)
             results.max_abs_diff = max(
                 results.max_abs_diff, float(np.max(np.abs(vectors - reference)))
             )
@@ -278,7 +322,9 @@ def run_embed(
             say(
                 f"  embed {i + 1}/{repeats}: in-process b32 per round {n / rounds_s:6.1f}, "
                 f"whole set {n / b32_s:6.1f} sent/s, "
-                f"b1 {n / b1_s:6.1f} sent/s | server {n / server_s:6.1f} sent/s "
+                f"b1 {n / b1_s:6.1f}, unpadded per round "
+                f"{'-' if packed_s is None else format(n / packed_s, '6.1f')} sent/s | "
+                f"server {n / server_s:6.1f} sent/s "
                 f"({concurrency} concurrent x {rounds} rounds)"
             )
     finally:

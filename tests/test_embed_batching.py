@@ -230,7 +230,7 @@ async def test_a_prompt_longer_than_the_budget_runs_alone(
     finally:
         await batcher.stop()
     np.testing.assert_allclose(vectors, alone(model, texts), atol=1e-5)
-    assert sorted((p.sequences, p.padded_tokens) for p in recorder.passes) == [(1, 102), (2, 12)]
+    assert sorted((p.sequences, p.tokens) for p in recorder.passes) == [(1, 102), (2, 11)]
 
 
 async def test_prompts_are_sorted_by_length_to_cut_padding(

@@ -11,14 +11,16 @@ takes every waiting request as one round:
    as the model will see them), in one tokenizer call, and plans the passes, on a worker thread.
 2. It sorts the prompts of all the round's requests by length and cuts them into forward passes
    of neighbours: a pass holds at most `max_batch_size` prompts and `rows x longest row` (the
-   tokens a padded batch computes) stays within `max_batch_tokens`. Within those limits the cut
-   minimises what the round costs: every pass pays a fixed part (reading the weights), measured
-   at start-up, and one part per padded token, so a round of short and long prompts becomes two
-   passes when the padding it saves is worth more than the second pass (all-MiniLM-L6-v2 on
-   2 cores: a 32-sentence round of 11-27 tokens runs 3-5% faster cut in two; one 256-token
-   prompt among 31 short ones, 10x faster). A request with
-   more prompts than a pass holds is spread over several passes, and a single prompt longer
-   than the budget runs alone.
+   tokens a padded batch computes) stays within `max_batch_tokens`. A model that batches without
+   padding (`EmbeddingModel.pads_batches` false: server/models/packed_encoder.py) pays only for
+   real tokens, so its round is cut into as few passes as those limits allow. For one that pads,
+   the cut minimises what the round costs: every pass pays a fixed part (reading the weights),
+   measured at start-up, and one part per padded token, so a round of short and long prompts
+   becomes two passes when the padding it saves is worth more than the second pass
+   (all-MiniLM-L6-v2 padded, on 2 cores: a 32-sentence round of 11-27 tokens runs 3-5% faster
+   cut in two; one 256-token prompt among 31 short ones, 10x faster). A request with more
+   prompts than a pass holds is spread over several passes, and a single prompt longer than the
+   budget runs alone.
 3. It runs the passes one after another: `encode` on the chat scheduler's thread between its
    steps where there is one (so that one OpenMP team runs all model work; see
    server/engine/threads.py), else on a fresh thread. Each request gets its rows, in its own
@@ -366,7 +368,8 @@ class EmbedBatcher:
             phase="embed",
             sequences=len(rows),
             tokens=sum(tokens),
-            padded_tokens=len(rows) * max(tokens),
+            # What the pass computed: every row as long as the longest, unless the model packs.
+            padded_tokens=len(rows) * max(tokens) if self._model.pads_batches else sum(tokens),
             seconds=time.monotonic() - started,
         )
         finished: list[_Request] = []

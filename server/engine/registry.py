@@ -103,14 +103,18 @@ class ModelRegistry:
                 continue
             entry.model = model
             if isinstance(model, EmbeddingModel):
-                overhead = await self._run_model_call(
-                    functools.partial(measure_pass_overhead, model)
-                )
-                log.info(
-                    "model %s: one embedding pass costs what %s padded tokens do",
-                    spec.id,
-                    "an unknown number of" if overhead is None else f"{overhead:.0f}",
-                )
+                # Only worth knowing where padding costs: it decides when cutting a round of
+                # short and long texts in two pays (server/engine/embed.py).
+                overhead = None
+                if model.pads_batches:
+                    overhead = await self._run_model_call(
+                        functools.partial(measure_pass_overhead, model)
+                    )
+                    log.info(
+                        "model %s: one embedding pass costs what %s padded tokens do",
+                        spec.id,
+                        "an unknown number of" if overhead is None else f"{overhead:.0f}",
+                    )
                 entry.embed = EmbedBatcher(
                     model,
                     max_batch_size=spec.batch_size,

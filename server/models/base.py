@@ -123,6 +123,16 @@ class EmbeddingModel(Model):
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embed `texts` in one or more forward passes; returns float32 (len(texts), dimensions)."""
 
+    @property
+    def pads_batches(self) -> bool:
+        """Whether `encode` computes every text of a call as long as the call's longest.
+
+        True (the default) makes a round of short and long texts worth cutting into passes of
+        similar lengths; a model that batches without padding says False, and its rounds are
+        cut into as few passes as the limits allow.
+        """
+        return True
+
     @abstractmethod
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """The tokens each text takes after truncation to max_input_tokens."""

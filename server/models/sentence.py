@@ -21,6 +21,7 @@ import torch
 from server.config import ModelSpec
 from server.domain import Tokenization
 from server.models.base import EmbeddingModel
+from server.models.packed_encoder import PackedEncoder
 from server.models.sources import resolve_device, resolve_dtype, resolve_source
 
 log = logging.getLogger(__name__)
@@ -84,14 +85,17 @@ class SentenceTransformerModel(EmbeddingModel):
         self._encode_lock = threading.Lock()
         self._tokenizer = copy.deepcopy(self._st.tokenizer)
         self._tokenizer_lock = threading.Lock()
+        # Batches without padding where the pipeline allows (server/models/packed_encoder.py).
+        self._packed, not_packed = PackedEncoder.build(self._st)
         log.info(
-            "loaded embedding model %s from %s on %s (%s, %d dimensions, max %d tokens)",
+            "loaded embedding model %s from %s on %s (%s, %d dimensions, max %d tokens; %s)",
             spec.id,
             spec.source,
             self._device,
             dtype,
             self._dims,
             self._max_input,
+            "batches unpadded" if self._packed else f"batches padded: {not_packed}",
         )
 
     @property
@@ -110,8 +114,14 @@ class SentenceTransformerModel(EmbeddingModel):
     def dimensions(self) -> int:
         return self._dims
 
+    @property
+    def pads_batches(self) -> bool:
+        return self._packed is None
+
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         with self._encode_lock, torch.inference_mode():
+            if self._packed is not None:
+                return self._packed.encode(texts)
             vectors = self._st.encode(
                 list(texts),
                 batch_size=max(1, len(texts)),
