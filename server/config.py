@@ -73,6 +73,10 @@ class ModelSpec:
     # Chat: the tokens of one scheduler step, one per running sequence plus a prompt chunk of the
     # rest, so it must exceed max_concurrent (CHAT_MAX_BATCH_TOKENS).
     max_batch_tokens: int | None = None
+    # Embedding: compute passes without padding where the model allows it (checked when it
+    # loads; see server/models/packed_encoder.py); false keeps sentence-transformers' padded
+    # encode.
+    unpadded: bool = True
 
     @property
     def source(self) -> str:
@@ -124,6 +128,8 @@ def _spec_from_table(table: dict[str, Any], index: int) -> ModelSpec:
             f"({spec.max_concurrent}): a step holds one token per running sequence plus a chunk "
             "of a prompt"
         )
+    if not isinstance(spec.unpadded, bool):
+        raise ConfigError(f"{where}: 'unpadded' must be true or false")
     if spec.max_waiting < 0 or spec.batch_wait_ms < 0:
         raise ConfigError(f"{where}: 'max_waiting' and 'batch_wait_ms' must not be negative")
     return spec

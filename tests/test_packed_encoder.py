@@ -132,3 +132,13 @@ def test_served_minilm_batches_unpadded(minilm: object) -> None:
     model = SentenceTransformerModel(spec)
     assert not model.pads_batches
     np.testing.assert_allclose(model.encode(MIXED), _padded(minilm, MIXED), atol=1e-5)
+
+
+def test_unpadded_false_keeps_sentence_transformers_padded_encode(minilm: object) -> None:
+    from server.models.sentence import SentenceTransformerModel
+    from tests.conftest import default_specs
+
+    spec = next(s for s in default_specs(unpadded=False) if s.id == "all-minilm-l6-v2")
+    model = SentenceTransformerModel(spec)
+    assert model.pads_batches
+    np.testing.assert_allclose(model.encode(MIXED), _padded(minilm, MIXED), atol=1e-5)

@@ -86,7 +86,9 @@ class SentenceTransformerModel(EmbeddingModel):
         self._tokenizer = copy.deepcopy(self._st.tokenizer)
         self._tokenizer_lock = threading.Lock()
         # Batches without padding where the pipeline allows (server/models/packed_encoder.py).
-        self._packed, not_packed = PackedEncoder.build(self._st)
+        self._packed, not_packed = (
+            PackedEncoder.build(self._st) if spec.unpadded else (None, "unpadded = false")
+        )
         log.info(
             "loaded embedding model %s from %s on %s (%s, %d dimensions, max %d tokens; %s)",
             spec.id,

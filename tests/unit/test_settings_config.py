@@ -85,6 +85,7 @@ def write(tmp_path: Path, text: str) -> Path:
         ("[[models]]\nid = 'a'\nkind = 'chat'\npath = 'x'\ncolour = 1\n", "unknown keys"),
         ("[[models]]\nid = 'a'\nkind = 'chat'\npath = 'x'\ndtype = 'int4'\n", "'dtype'"),
         ("[[models]]\nid = 'a'\nkind = 'chat'\npath = 'x'\nmax_concurrent = 0\n", "positive"),
+        ("[[models]]\nid = 'a'\nkind = 'embedding'\npath = 'x'\nunpadded = 1\n", "'unpadded'"),
         (
             "[[models]]\nid = 'a'\nkind = 'chat'\npath = 'x'\n"
             "[[models]]\nid = 'a'\nkind = 'embedding'\npath = 'y'\n",
