@@ -50,6 +50,8 @@ def test_minilm_packed_vectors_are_the_padded_ones(minilm: object) -> None:
     np.testing.assert_allclose(got, alone, atol=1e-5)
     # The pipeline's Normalize module is applied.
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    with torch.inference_mode():
+        assert packed.encode([]).shape == (0, 384)
 
 
 def test_outside_a_packed_pass_the_attention_is_plain_sdpa(minilm: object) -> None:

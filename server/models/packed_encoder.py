@@ -141,6 +141,8 @@ class PackedEncoder:
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """float32 (len(texts), dimensions), as the pipeline's `encode` would give them."""
+        if not texts:
+            return np.zeros((0, self._encoder.config.hidden_size), dtype=np.float32)
         # The pipeline's own tokenization (lower-casing, truncation, special tokens), padded;
         # the padding is then dropped.
         features = self._st.preprocess(list(texts))
