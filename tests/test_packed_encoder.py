@@ -144,3 +144,20 @@ def test_unpadded_false_keeps_sentence_transformers_padded_encode(minilm: object
     model = SentenceTransformerModel(spec)
     assert model.pads_batches
     np.testing.assert_allclose(model.encode(MIXED), _padded(minilm, MIXED), atol=1e-5)
+
+
+def test_an_encoder_that_refuses_the_attention_function_keeps_padded_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(embed_model_folder()), device="cpu")
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not supported")
+
+    monkeypatch.setattr(st[0].auto_model, "set_attn_implementation", refuse)
+    packed, why = PackedEncoder.build(st)
+    assert packed is None
+    assert "refuses" in why
+    assert st[0].auto_model.config._attn_implementation == "sdpa"

@@ -115,7 +115,10 @@ class PackedEncoder:
         if reason:
             return None, reason
         encoder = st[0].auto_model
-        encoder.set_attn_implementation(ATTENTION)
+        try:
+            encoder.set_attn_implementation(ATTENTION)
+        except (ValueError, TypeError, NotImplementedError) as exc:
+            return None, f"its encoder refuses another attention implementation ({exc})"
         if encoder.config._attn_implementation != ATTENTION:
             return None, "its encoder does not take another attention implementation"
         pooling = "cls" if _pooling_mode(st[1]) == "cls" else "mean"
