@@ -97,7 +97,7 @@ class SentenceTransformerModel(EmbeddingModel):
             dtype,
             self._dims,
             self._max_input,
-            "batches unpadded" if self._packed else f"batches padded: {not_packed}",
+            "batches unpadded" if self._packed is not None else f"batches padded: {not_packed}",
         )
 
     @property
