@@ -588,8 +588,7 @@ def run_streams(
         finally:
             server.stop()
     for cache in caches:
-        results.caches[cache.label] = cache
-        results.tserve[cache.label] = run_tserve(
+        run_tserve(
             results, cache, folder=folder, prompts=prompts, tokens=tokens, warmup=warmup, say=say
         )
     return results
@@ -604,9 +603,11 @@ def run_tserve(
     tokens: int,
     warmup: int,
     say: Callable[[str], None],
-) -> Workload:
-    """The compared workload against one transformers serve child, with `cache`; always stopped."""
+) -> None:
+    """The compared workload against one transformers serve child, with `cache`, recorded in
+    `results` under its label; the child is always stopped."""
     label = cache.label
+    results.caches[label] = cache
     baseline = TransformersServe(folder, cache=cache)
     try:
         baseline.start()
@@ -640,7 +641,6 @@ def run_tserve(
         f"{_fmt(_mib(results.glm_loaded_rss_bytes), '.0f')} MiB, {server} "
         f"{_fmt(_mib(results.tserve_loaded_rss_bytes[label]), '.0f')} MiB"
     )
-    return w
 
 
 def _report_unfinished(w: Workload, say: Callable[[str], None]) -> None:

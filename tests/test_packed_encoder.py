@@ -11,7 +11,7 @@ import torch
 
 from bench.models import embed_model_folder
 from server.models.packed_encoder import ATTENTION, PackedEncoder
-from tests.test_text2vec import TEXTS, WORDS, bert_spec, write_tiny_bert
+from tests.test_text2vec import TEXTS, TINY_ENCODER, WORDS, bert_spec, write_tiny_bert
 
 # Lengths from 3 tokens to past the model's 256-token limit, an empty text among them.
 MIXED = [
@@ -86,13 +86,7 @@ def _tiny_roberta(folder: Path) -> Path:
     (folder / "vocab.txt").write_text("\n".join(WORDS) + "\n", encoding="utf-8")
     BertTokenizerFast(str(folder / "vocab.txt")).save_pretrained(folder)
     config = RobertaConfig(
-        vocab_size=len(WORDS),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=300,
-        pad_token_id=0,
+        vocab_size=len(WORDS), max_position_embeddings=300, pad_token_id=0, **TINY_ENCODER
     )
     with torch.random.fork_rng():
         torch.manual_seed(0)

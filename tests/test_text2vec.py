@@ -29,6 +29,13 @@ WORDS = [
     *["hello", "world", "the", "weather", "is", "nice", "today"],
 ]
 TEXTS = ["你好，世界", "今天北京的天气很不错", "hello world", "the weather is nice today 上海"]
+# The sizes of the tiny encoders the tests build (BERT here, RoBERTa in test_packed_encoder.py).
+TINY_ENCODER = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+}
 
 
 def write_tiny_bert(folder: Path, seed: int = 0) -> Path:
@@ -38,14 +45,7 @@ def write_tiny_bert(folder: Path, seed: int = 0) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(WORDS) + "\n", encoding="utf-8")
-    config = BertConfig(
-        vocab_size=len(WORDS),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-    )
+    config = BertConfig(vocab_size=len(WORDS), max_position_embeddings=512, **TINY_ENCODER)
     config.save_pretrained(folder)
     with torch.random.fork_rng():  # seeded weights without touching the global generator
         torch.manual_seed(seed)

@@ -133,13 +133,17 @@ class PackedEncoder:
                     show_progress_bar=False,
                 )
         except Exception as exc:  # an encoder that will not run this way keeps `encode`
+            reason = f"a packed pass failed ({type(exc).__name__}: {exc})"
+        else:
+            worst = float(np.max(np.abs(got - np.asarray(want, dtype=np.float32))))
+            atol = _CHECK_ATOL.get(encoder.dtype, 1e-4)
+            ok = worst <= atol
+            reason = (
+                "" if ok else f"packed vectors differ from padded ones by {worst:.2g} (> {atol:g})"
+            )
+        if reason:
             encoder.set_attn_implementation("sdpa")
-            return None, f"a packed pass failed ({type(exc).__name__}: {exc})"
-        worst = float(np.max(np.abs(got - np.asarray(want, dtype=np.float32))))
-        atol = _CHECK_ATOL.get(encoder.dtype, 1e-4)
-        if not worst <= atol:
-            encoder.set_attn_implementation("sdpa")
-            return None, f"packed vectors differ from padded ones by {worst:.2g} (> {atol:g})"
+            return None, reason
         return packed, ""
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
