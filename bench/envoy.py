@@ -3,10 +3,12 @@
 
 Starts `python -m gateway` (server + Envoy, exactly as `make run` does) on free ports and measures,
 interleaved call by call so that every path sees the same machine load:
-- Tokenize and Embed: the median latency of sequential calls on four paths: the seed's JSON route
+- Tokenize and Embed: the median latency of sequential calls on five paths: the seed's JSON route
   over HTTP/1.1 through Envoy (one kept-alive connection; Envoy's transcoder and Lua filter, the
-  server's JSON gateway), the same RPC in gRPC directly, and in gRPC through Envoy (Envoy's own
-  hop). The JSON and gRPC clients are equally minimal ones (bench/wire.py: one write a call, the
+  server's JSON gateway), the same RPC in gRPC directly, in gRPC through Envoy (Envoy's own hop),
+  and the JSON route's own RPC (the same JSON in an HttpBody) in gRPC directly (the server's JSON
+  work without Envoy), so that what JSON via Envoy adds is split into its parts. The JSON and gRPC
+  clients are equally minimal ones (bench/wire.py: one write a call, the
   reply parsed on the calling thread), and each call's client CPU time is measured: decoding
   JSON still costs its client more than protobuf costs the gRPC one, so the target (JSON via
   Envoy adds < 1 ms to the median of direct gRPC) is judged with each client's CPU time taken
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from google.api.httpbody_pb2 import HttpBody
 from google.protobuf.message import Message
 
 from bench.load import BUSY_CORES_LIMIT, BackgroundLoad
@@ -52,6 +55,9 @@ TOKENIZE_TEXT = "Hello world, how are you today?"
 EMBED_TEXT = "The cat sits on the mat."
 TOKENIZE = "/glm.v1.GlmService/Tokenize"
 EMBED = "/glm.v1.GlmService/Embed"
+# The RPCs behind the seed's JSON routes: what Envoy's transcoder calls.
+GATEWAY_TOKENIZE = "/glm.v1.HttpGatewayService/SeedTokenize"
+GATEWAY_EMBED = "/glm.v1.HttpGatewayService/SeedEmbedding"
 # Sequential calls per path and unary RPC, and tokens and streams per chat path.
 CALLS = 500
 CHAT_TOKENS = 128
@@ -129,6 +135,7 @@ class UnaryResult:
     direct: Samples
     grpc_via_envoy: Samples
     typed_direct: Samples
+    gateway_direct: Samples
 
     @property
     def added_ms(self) -> float:
@@ -139,6 +146,21 @@ class UnaryResult:
     def added_beyond_clients_ms(self) -> float:
         """The same with each call's client CPU time taken out: what the server side adds."""
         return self.json_via_envoy.beyond_client_ms() - self.direct.beyond_client_ms()
+
+    @property
+    def envoy_hop_ms(self) -> float:
+        """Of what JSON via Envoy adds: Envoy's own hop (gRPC through Envoy less gRPC direct)."""
+        return self.grpc_via_envoy.beyond_client_ms() - self.direct.beyond_client_ms()
+
+    @property
+    def json_work_ms(self) -> float:
+        """Of it: the server's JSON work (the JSON route's RPC in gRPC direct less Embed's)."""
+        return self.gateway_direct.beyond_client_ms() - self.direct.beyond_client_ms()
+
+    @property
+    def rest_ms(self) -> float:
+        """Of it: the rest, i.e. Envoy's HTTP/1.1 and transcoding (and what noise leaves over)."""
+        return self.added_beyond_clients_ms - self.envoy_hop_ms - self.json_work_ms
 
     @property
     def added_vs_typed_ms(self) -> float:
@@ -161,6 +183,9 @@ class UnaryResult:
                 "ms",
                 ADDED_LATENCY_MS_TARGET,
             ),
+            Metric(f"envoy: {n} of it, Envoy's gRPC hop", self.envoy_hop_ms, "ms"),
+            Metric(f"envoy: {n} of it, the server's JSON work", self.json_work_ms, "ms"),
+            Metric(f"envoy: {n} of it, HTTP/1.1 and transcoding", self.rest_ms, "ms"),
             Metric(f"envoy: {n} direct, typed client, median", self.typed_direct.median_ms(), "ms"),
             Metric(
                 f"envoy: {n} typed client CPU per call (process)", self.typed_direct.cpu_ms(), "ms"
@@ -174,6 +199,7 @@ class UnaryResult:
             "direct": self.direct,
             "grpc_via_envoy": self.grpc_via_envoy,
             "typed_direct": self.typed_direct,
+            "gateway_direct": self.gateway_direct,
         }
         figures = {f"{k}_median_ms": v.median_ms() for k, v in paths.items()}
         figures |= {f"{k}_client_cpu_ms": v.cpu_ms() for k, v in paths.items()}
@@ -181,6 +207,9 @@ class UnaryResult:
             "added_ms": self.added_ms,
             "added_beyond_clients_ms": self.added_beyond_clients_ms,
             "added_vs_typed_ms": self.added_vs_typed_ms,
+            "envoy_hop_ms": self.envoy_hop_ms,
+            "json_work_ms": self.json_work_ms,
+            "rest_ms": self.rest_ms,
         }
 
 
@@ -267,6 +296,22 @@ def grpc_call(
     return call
 
 
+def gateway_call(
+    client: GrpcH2Client, method: str, payload: object, key: str
+) -> Callable[[], None]:
+    """The JSON route's own RPC in gRPC: `payload` as JSON in an HttpBody, the JSON reply parsed
+    as a JSON client would (its CPU time is the client's, taken out like the others')."""
+    body = HttpBody(content_type="application/json", data=json.dumps(payload).encode())
+    request = body.SerializeToString()
+
+    def call() -> None:
+        reply = json.loads(HttpBody.FromString(client.call(method, request)).data)
+        if key not in reply:
+            raise RuntimeError(f"{method}: {str(reply)[:200]}")
+
+    return call
+
+
 def json_call(client: JsonHttpClient, path: str, payload: object, key: str) -> Callable[[], None]:
     """One JSON POST that must answer 200 with `key` in its body."""
     body = json.dumps(payload).encode()
@@ -337,20 +382,24 @@ def run_envoy(
         ):
             tokenize = pb.TokenizeRequest(prompt=TOKENIZE_TEXT)
             embed = pb.EmbedRequest(prompt=[EMBED_TEXT])
+            tokenize_json = {"prompt": TOKENIZE_TEXT}
+            embed_json = {"prompt": [EMBED_TEXT]}
             workloads = {
                 "tokenize": (
-                    json_call(http, "/tokenize", {"prompt": TOKENIZE_TEXT}, "tokenIds"),
+                    json_call(http, "/tokenize", tokenize_json, "tokenIds"),
                     (TOKENIZE, tokenize, pb.TokenizeResponse, "token_ids"),
                     lambda: direct.tokenize(TOKENIZE_TEXT),
+                    gateway_call(wire, GATEWAY_TOKENIZE, tokenize_json, "tokenIds"),
                 ),
                 "embed": (
-                    json_call(http, "/embedding", {"prompt": [EMBED_TEXT]}, "data"),
+                    json_call(http, "/embedding", embed_json, "data"),
                     (EMBED, embed, pb.EmbedResponse, "data"),
                     lambda: direct.embed([EMBED_TEXT]),
+                    gateway_call(wire, GATEWAY_EMBED, embed_json, "data"),
                 ),
             }
-            for name, (json_path, rpc, typed_path) in workloads.items():
-                say(f"envoy: {name}: {calls} calls per path, the four paths taking turns")
+            for name, (json_path, rpc, typed_path, gateway_path) in workloads.items():
+                say(f"envoy: {name}: {calls} calls per path, the five paths taking turns")
                 # The minimal clients work on the calling thread alone; the typed client also
                 # on gRPC's threads, so its CPU is the process's (work it does while it waits
                 # for the reply, such as answering pings, included).
@@ -360,6 +409,7 @@ def run_envoy(
                         "direct": (grpc_call(wire, *rpc), time.thread_time),
                         "grpc_via_envoy": (grpc_call(wire_via_envoy, *rpc), time.thread_time),
                         "typed_direct": (typed_path, time.process_time),
+                        "gateway_direct": (gateway_path, time.thread_time),
                     },
                     calls,
                 )
