@@ -83,7 +83,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--tserve-cache",
-        choices=("both", *(c.label.replace(" ", "-") for c in defaults.TSERVE_CACHES)),
+        choices=("both", *(c.option for c in defaults.TSERVE_CACHES)),
         default="both",
         help=(
             "which cache sizings of transformers serve the streams part compares with "
@@ -304,11 +304,7 @@ def bench_streams(args: argparse.Namespace) -> tuple[dict[str, Any], list[Metric
         compared=defaults.STREAM_COMPARED,
         prompts=defaults.STREAM_PROMPTS,
         tokens=args.stream_tokens,
-        caches=[
-            c
-            for c in defaults.TSERVE_CACHES
-            if args.tserve_cache in ("both", c.label.replace(" ", "-"))
-        ],
+        caches=[c for c in defaults.TSERVE_CACHES if args.tserve_cache in ("both", c.option)],
         say=say,
     )
     return streams.as_dict(), streams.metrics()

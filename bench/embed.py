@@ -210,26 +210,29 @@ class InProcessEmbedder:
 
     def encode_rounds(self, sentences: list[str], size: int) -> float:
         """Seconds to embed `sentences` one `encode` call per group of `size`, as they arrive."""
-        started = time.perf_counter()
-        for first in range(0, len(sentences), size):
-            self._encode(sentences[first : first + size], size)
-        return time.perf_counter() - started
+        return _time_rounds(sentences, size, lambda group: self._encode(group, size))
 
     def encode_rounds_packed(self, sentences: list[str], size: int) -> float | None:
         """As encode_rounds, with the server's unpadded pass; None where the model pads."""
-        if self.packed is None:
+        packed = self.packed
+        if packed is None:
             return None
-        started = time.perf_counter()
         with torch.inference_mode():
-            for first in range(0, len(sentences), size):
-                self.packed.encode(sentences[first : first + size])
-        return time.perf_counter() - started
+            return _time_rounds(sentences, size, packed.encode)
 
     def _encode(self, sentences: list[str], batch_size: int) -> np.ndarray:
         vectors = self.model.encode(
             sentences, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False
         )
         return np.asarray(vectors, dtype=np.float32)
+
+
+def _time_rounds(sentences: list[str], size: int, embed: Callable[[list[str]], object]) -> float:
+    """Seconds for `embed` to take `sentences` in groups of `size`, one call per group."""
+    started = time.perf_counter()
+    for first in range(0, len(sentences), size):
+        embed(sentences[first : first + size])
+    return time.perf_counter() - started
 
 
 class ServerEmbedder:

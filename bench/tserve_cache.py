@@ -17,6 +17,11 @@ class TserveCache:
     # What glm-api's peak RSS over this one's is judged by.
     rss_target: Target
 
+    @property
+    def option(self) -> str:
+        """The label as `--tserve-cache` spells it."""
+        return self.label.replace(" ", "-")
+
     def flags(self) -> list[str]:
         """The command-line flags that set what is not left to the default."""
         out: list[str] = []

@@ -32,6 +32,7 @@ def test_flags_name_only_what_is_not_left_to_the_default() -> None:
     sized = TserveCache("cache sized", 16, 256, Target("<", 1.0))
     assert shipped.flags() == []
     assert shipped.describe() == "as shipped (its defaults)"
+    assert [shipped.option, sized.option] == ["as-shipped", "cache-sized"]
     assert sized.flags() == ["--cb-num-blocks", "16", "--cb-max-batch-tokens", "256"]
     assert "--cb-num-blocks 16" in sized.describe()
 
