@@ -34,7 +34,7 @@ class ServerProcess:
 def start_server(tmp: Path, *args: str) -> ServerProcess:
     port = free_port()
     log = tmp / f"server-{port}.log"
-    env = dict(os.environ, GLM_GRPC_ADDRESS=f"127.0.0.1:{port}", GLM_SHUTDOWN_GRACE_S="20")
+    env = dict(os.environ, GLM_GRPC_ADDRESS=f"127.0.0.1:{port}", GLM_SHUTDOWN_GRACE_S="120")
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "server", *args],
