@@ -21,7 +21,7 @@ PYTEST_ARGS ?=
 # Arguments of `python -m bench`, e.g. BENCH_ARGS="--only streams".
 BENCH_ARGS ?=
 
-.PHONY: help setup gen gen-check lint buf-lint fmt run run-grpc envoy-config test bench clean
+.PHONY: help setup gen gen-check lint buf-lint buf-breaking fmt run run-grpc envoy-config test bench clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -41,7 +41,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 gen: $(STAMP) ## Regenerate the Python stubs and the descriptor set in gen/ from proto/.
 	rm -rf gen && mkdir -p gen
-	$(PY) -m grpc_tools.protoc -I proto -I "$$($(PY) scripts/googleapis_protos.py)" \
+	$(PY) -m grpc_tools.protoc -I proto \
 	  --python_out=gen --pyi_out=gen --grpc_python_out=gen \
 	  --include_imports --include_source_info --descriptor_set_out=$(DESCRIPTOR) \
 	  $(PROTO)
@@ -53,10 +53,13 @@ gen-check: gen ## Fail if gen/ is not what `make gen` produces from proto/.
 $(BUF):
 	npm install --no-audit --no-fund --silent
 
-buf-lint: $(BUF) gen ## Lint the protobuf API with buf (STANDARD + COMMENTS rules).
-	$(BUF) lint $(DESCRIPTOR) --path glm/v1
+buf-lint: $(BUF) ## Lint the protobuf API with buf (STANDARD + COMMENTS rules, see buf.yaml).
+	$(BUF) lint
 
-lint: $(STAMP) buf-lint ## ruff, ruff format --check, mypy and buf lint.
+buf-breaking: $(BUF) ## Fail on a wire or source breaking change to proto/ since the previous commit.
+	scripts/buf_breaking.sh $(BUF)
+
+lint: $(STAMP) buf-lint buf-breaking ## ruff, ruff format --check, mypy, buf lint and buf breaking.
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
