@@ -11,6 +11,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
 V1ALPHA_PACKAGE = reflection_pb2.DESCRIPTOR.package
 V1_PACKAGE = "grpc.reflection.v1"
@@ -21,7 +22,9 @@ V1_SERVICE = f"{V1_PACKAGE}.ServerReflection"
 
 def _renamed(type_name: str) -> str:
     prefix = f".{V1ALPHA_PACKAGE}."
-    return f".{V1_PACKAGE}." + type_name[len(prefix) :] if type_name.startswith(prefix) else type_name
+    if not type_name.startswith(prefix):
+        return type_name
+    return f".{V1_PACKAGE}.{type_name[len(prefix) :]}"
 
 
 def v1_file_descriptor() -> descriptor_pb2.FileDescriptorProto:
@@ -54,9 +57,7 @@ def enable_reflection(service_names: tuple[str, ...], server: grpc.aio.Server) -
     services."""
     pool = descriptor_pool.Default()
     _register_v1_descriptor(pool)
-    servicer = reflection.aio.ReflectionServicer(
-        (*service_names, V1_SERVICE, V1ALPHA_SERVICE), pool=pool
-    )
+    servicer = ReflectionServicer((*service_names, V1_SERVICE, V1ALPHA_SERVICE), pool=pool)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
     v1_handler = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
