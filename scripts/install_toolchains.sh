@@ -14,7 +14,9 @@ declare -A PACKAGES=(
   [go]="golang-go protobuf-compiler protoc-gen-go protoc-gen-go-grpc golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev golang-google-grpc-dev"
   [cpp]="g++ cmake make pkgconf protobuf-compiler protobuf-compiler-grpc libprotobuf-dev libgrpc++-dev"
   # Debian's libgrpc-java declares almost none of the jars grpc-netty needs at run time: list them.
-  [java]="default-jdk-headless protobuf-compiler protobuf-compiler-grpc-java-plugin libprotobuf-java libgrpc-java libgoogle-common-protos-java libguava-java libgoogle-gson-java libnetty-java libperfmark-java libjsr305-java liberror-prone-java libanimal-sniffer-java libopencensus-java"
+  # grpc_java_plugin annotates stubs with javax.annotation.Generated, gone from the JDK: geronimo.
+  # Debian's netty lacks the JDK ALPN negotiator, so TLS (HTTP/2 needs ALPN) goes through tcnative.
+  [java]="default-jdk-headless protobuf-compiler protobuf-compiler-grpc-java-plugin libprotobuf-java libgrpc-java libgoogle-common-protos-java libguava-java libgoogle-gson-java libnetty-java libperfmark-java libjsr305-java liberror-prone-java libanimal-sniffer-java libopencensus-java libgeronimo-annotation-1.3-spec-java libnetty-tcnative-java libnetty-tcnative-jni"
 )
 
 langs=("$@")
