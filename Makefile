@@ -21,10 +21,23 @@ PYTEST_ARGS ?=
 # Arguments of `python -m bench`, e.g. BENCH_ARGS="--only streams".
 BENCH_ARGS ?=
 
-.PHONY: help setup gen gen-check lint buf-lint fmt run run-grpc envoy-config test bench clean
+# The non-Python clients under clients/ generate their code from proto/ into their own folders
+# (not committed) with buf and the plugins of clients/<lang>/buf.gen.yaml, then build it.
+GO_ENV := GOPATH=$(CURDIR)/clients/go/.gopath:/usr/share/gocode GO111MODULE=off GOFLAGS=
+# The jars of Debian's gRPC Java, protobuf-java and what they load at run time.
+JAVA_JARS := grpc-api grpc-context grpc-core grpc-netty grpc-protobuf grpc-protobuf-lite grpc-stub \
+  protobuf proto-google-common-protos guava gson perfmark-api jsr305 error_prone_annotations \
+  animal-sniffer-annotations geronimo-annotation-1.3-spec netty-buffer netty-codec \
+  netty-codec-http netty-codec-http2 netty-codec-socks netty-common netty-handler \
+  netty-handler-proxy netty-resolver netty-transport netty-transport-native-unix-common netty-tcnative
+empty :=
+JAVA_CP := $(subst $(empty) $(empty),:,$(patsubst %,/usr/share/java/%.jar,$(JAVA_JARS)))
+
+.PHONY: help setup gen gen-check lint buf-lint buf-breaking fmt run run-grpc envoy-config test bench clean \
+  toolchains gen-ts gen-go gen-cpp gen-java client-ts client-go client-cpp client-java clients
 
 help: ## List the targets.
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 setup: $(STAMP) ## Create the virtualenv with the pinned dependencies.
 
@@ -41,7 +54,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 gen: $(STAMP) ## Regenerate the Python stubs and the descriptor set in gen/ from proto/.
 	rm -rf gen && mkdir -p gen
-	$(PY) -m grpc_tools.protoc -I proto -I "$$($(PY) scripts/googleapis_protos.py)" \
+	$(PY) -m grpc_tools.protoc -I proto \
 	  --python_out=gen --pyi_out=gen --grpc_python_out=gen \
 	  --include_imports --include_source_info --descriptor_set_out=$(DESCRIPTOR) \
 	  $(PROTO)
@@ -53,10 +66,13 @@ gen-check: gen ## Fail if gen/ is not what `make gen` produces from proto/.
 $(BUF):
 	npm install --no-audit --no-fund --silent
 
-buf-lint: $(BUF) gen ## Lint the protobuf API with buf (STANDARD + COMMENTS rules).
-	$(BUF) lint $(DESCRIPTOR) --path glm/v1
+buf-lint: $(BUF) ## Lint the protobuf API with buf (STANDARD + COMMENTS rules, see buf.yaml).
+	$(BUF) lint
 
-lint: $(STAMP) buf-lint ## ruff, ruff format --check, mypy and buf lint.
+buf-breaking: $(BUF) ## Fail on a wire or source breaking change to proto/ since the previous commit.
+	scripts/buf_breaking.sh $(BUF)
+
+lint: $(STAMP) buf-lint buf-breaking ## ruff, ruff format --check, mypy, buf lint and buf breaking.
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
@@ -85,5 +101,55 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 bench: $(BENCH_STAMP) ## Run the benchmarks and print their ratios (BENCH_ARGS="--only streams").
 	$(PY) -m bench $(BENCH_ARGS)
 
+toolchains: ## Install the Debian toolchains of the Go, C++ and Java clients (root, idempotent).
+	scripts/install_toolchains.sh
+
+clients/typescript/node_modules: clients/typescript/package-lock.json
+	cd clients/typescript && npm ci --no-audit --no-fund --silent
+	touch $@
+
+gen-ts: $(BUF) clients/typescript/node_modules ## Generate the TypeScript client's messages.
+	$(BUF) generate --template clients/typescript/buf.gen.yaml
+
+gen-go: $(BUF) ## Generate the Go client's messages and stubs (needs `make toolchains`).
+	$(BUF) generate --template clients/go/buf.gen.yaml
+
+gen-cpp: $(BUF) ## Generate the C++ client's messages and stubs (needs `make toolchains`).
+	$(BUF) generate --template clients/cpp/buf.gen.yaml
+
+gen-java: $(BUF) ## Generate the Java client's messages and stubs (needs `make toolchains`).
+	$(BUF) generate --template clients/java/buf.gen.yaml
+
+client-ts: gen-ts ## Build the TypeScript client and its example (clients/typescript/dist).
+	cd clients/typescript && npm run --silent build
+
+client-go: gen-go ## Vet and build the Go client and its example (clients/go/bin/example).
+	mkdir -p clients/go/.gopath/src/glm-api/clients
+	ln -sfn ../../../.. clients/go/.gopath/src/glm-api/clients/go
+	$(GO_ENV) go vet glm-api/clients/go glm-api/clients/go/example
+	$(GO_ENV) go build -o clients/go/bin/example glm-api/clients/go/example
+
+client-cpp: gen-cpp ## Build the C++ example (clients/cpp/build/chat_example).
+	cmake -S clients/cpp -B clients/cpp/build -DCMAKE_BUILD_TYPE=Release
+	cmake --build clients/cpp/build -j 2
+
+client-java: gen-java ## Build the Java example (clients/java/build/chat-example runs it).
+	rm -rf clients/java/build && mkdir -p clients/java/build/classes clients/java/build/native
+	javac -nowarn -d clients/java/build/classes -cp $(JAVA_CP) \
+	  $$(find clients/java/gen clients/java/src -name '*.java')
+	# Netty loads tcnative (its TLS with ALPN) only under the name netty_tcnative, and the library
+	# checks its own file name, so Debian's libnetty-tcnative.so is copied, not linked, under it.
+	cp "$$(dpkg -L libnetty-tcnative-jni | grep '/libnetty-tcnative\.so$$')" \
+	  clients/java/build/native/libnetty_tcnative.so
+	printf '#!/bin/sh\nexec java -Djava.library.path="%s" -cp "%s" com.glm.example.ChatExample "$$@"\n' \
+	  "$(CURDIR)/clients/java/build/native" "$(CURDIR)/clients/java/build/classes:$(JAVA_CP)" \
+	  > clients/java/build/chat-example
+	chmod +x clients/java/build/chat-example
+
+clients: client-ts client-go client-cpp client-java ## Build every non-Python client.
+
 clean: ## Remove the virtualenv and caches (the converted-model cache is kept).
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf clients/typescript/node_modules clients/typescript/dist clients/typescript/src/gen \
+	  clients/go/glmv1 clients/go/bin clients/go/.gopath clients/cpp/gen clients/cpp/build \
+	  clients/java/gen clients/java/build

@@ -344,14 +344,18 @@ def test_dockerignore_keeps_the_context_small_but_complete() -> None:
     for excluded in (".venv", "node_modules", ".git", "model", ".pytest_cache", ".mypy_cache"):
         assert ignored(excluded, patterns), f"{excluded} is sent to the build context"
     assert ignored("server/__pycache__/app.cpython-311.pyc", patterns)
-    # Everything the Dockerfile copies reaches the build.
+    # What the non-Python clients install and build stays out of the image.
+    for built in ("clients/typescript/node_modules", "clients/cpp/build", "clients/go/glmv1"):
+        assert ignored(built, patterns), f"{built} is sent to the build context"
+    # Everything the Dockerfile copies reaches the build: every tracked file of those folders.
     for kept in ("requirements.txt", "requirements-models.txt", "gen/glm_v1.binpb"):
         assert not ignored(kept, patterns), kept
-    for package in APP_PACKAGES:
-        for file in (ROOT / package).rglob("*"):
-            relative = file.relative_to(ROOT).as_posix()
-            if file.is_file() and "__pycache__" not in relative:
-                assert not ignored(relative, patterns), relative
+    listing = ["git", "ls-files", "--", *APP_PACKAGES]
+    tracked = subprocess.run(listing, cwd=ROOT, capture_output=True, text=True, check=True)
+    tracked_files = tracked.stdout.split()
+    assert any(path.startswith("clients/") for path in tracked_files)
+    for relative in tracked_files:
+        assert not ignored(relative, patterns), relative
 
 
 # --- docker-compose.yml --------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
@@ -13,6 +12,7 @@ from glm.v1 import http_gateway_pb2 as gw
 from glm.v1 import http_gateway_pb2_grpc as gw_grpc
 from server.metrics import Metrics
 from server.transport.errors import ErrorInterceptor
+from server.transport.reflection import enable_reflection
 
 GLM_SERVICE = pb.DESCRIPTOR.services_by_name["GlmService"].full_name
 GATEWAY_SERVICE = gw.DESCRIPTOR.services_by_name["HttpGatewayService"].full_name
@@ -64,15 +64,11 @@ def build_server(
     )
     # The generated registration function carries no annotations.
     pb_grpc.add_GlmServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    served = [GLM_SERVICE]
     if gateway is not None:
         gw_grpc.add_HttpGatewayServiceServicer_to_server(gateway, server)  # type: ignore[no-untyped-call]
+        served.append(GATEWAY_SERVICE)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
-    reflection.enable_server_reflection(
-        (
-            GLM_SERVICE,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
+    served.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+    enable_reflection(tuple(served), server)
     return server

@@ -22,59 +22,51 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18glm/v1/glm_service.proto\x12\x06glm.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\"v\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12:\n\rfunction_call\x18\x03 \x01(\x0b\x32\x14.glm.v1.FunctionCallR\rfunction_call\x12\x0c\n\x04name\x18\x04 \x01(\t\"/\n\x0c\x46unctionCall\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\targuments\x18\x02 \x01(\t\"d\n\x12\x46unctionDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"B\n\x04Tool\x12\x0c\n\x04type\x18\x01 \x01(\t\x12,\n\x08\x66unction\x18\x02 \x01(\x0b\x32\x1a.glm.v1.FunctionDefinition\"\xe4\x03\n\x0b\x43hatRequest\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.glm.v1.ChatMessage\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x19\n\x05top_p\x18\x04 \x01(\x02H\x01R\x05top_p\x88\x01\x01\x12#\n\nmax_tokens\x18\x05 \x01(\x05H\x02R\nmax_tokens\x88\x01\x01\x12\x13\n\x06stream\x18\x06 \x01(\x08H\x03\x88\x01\x01\x12\x12\n\x05\x63hunk\x18\x07 \x01(\x08H\x04\x88\x01\x01\x12\x19\n\x05top_k\x18\x08 \x01(\x05H\x05R\x05top_k\x88\x01\x01\x12\x33\n\x12repetition_penalty\x18\t \x01(\x02H\x06R\x12repetition_penalty\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x04H\x07\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12&\n\x0estop_token_ids\x18\x0c \x03(\x05R\x0estop_token_ids\x12\x1b\n\x05tools\x18\r \x03(\x0b\x32\x0c.glm.v1.ToolB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\t\n\x07_streamB\x08\n\x06_chunkB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"f\n\tChatDelta\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12:\n\rfunction_call\x18\x03 \x01(\x0b\x32\x14.glm.v1.FunctionCallR\rfunction_call\"\x89\x01\n\nChatChoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12 \n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x11.glm.v1.ChatDelta\x12$\n\x07message\x18\x03 \x01(\x0b\x32\x13.glm.v1.ChatMessage\x12$\n\rfinish_reason\x18\x04 \x01(\tR\rfinish_reason\"\x7f\n\x05Usage\x12$\n\rprompt_tokens\x18\x01 \x01(\x05R\rprompt_tokens\x12,\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05R\x11\x63ompletion_tokens\x12\"\n\x0ctotal_tokens\x18\x03 \x01(\x05R\x0ctotal_tokens\"\x8d\x01\n\x0c\x43hatResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12#\n\x07\x63hoices\x18\x05 \x03(\x0b\x32\x12.glm.v1.ChatChoice\x12\x1c\n\x05usage\x18\x06 \x01(\x0b\x32\r.glm.v1.Usage\"@\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x03(\t\x12\x11\n\tnormalize\x18\x03 \x01(\x08\"*\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\r\n\x05index\x18\x02 \x01(\x05\"\x81\x01\n\rEmbedResponse\x12\x1f\n\x04\x64\x61ta\x18\x01 \x03(\x0b\x32\x11.glm.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06object\x18\x03 \x01(\t\x12\x1c\n\x05usage\x18\x04 \x01(\x0b\x32\r.glm.v1.Usage\x12\x12\n\ndimensions\x18\x05 \x01(\x05\"d\n\x0fTokenizeRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12#\n\nmax_tokens\x18\x02 \x01(\x05H\x00R\nmax_tokens\x88\x01\x01\x12\r\n\x05model\x18\x03 \x01(\tB\r\n\x0b_max_tokens\"g\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06object\x18\x04 \x01(\t\x12\x11\n\ttruncated\x18\x05 \x01(\x08\"\x13\n\x11ListModelsRequest\"\xae\x02\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\x1a\n\x08owned_by\x18\x04 \x01(\tR\x08owned_by\x12\r\n\x05ready\x18\x05 \x01(\x08\x12\x12\n\ndimensions\x18\x06 \x01(\x05\x12*\n\x10max_input_tokens\x18\x07 \x01(\x05R\x10max_input_tokens\x12&\n\x0emax_new_tokens\x18\x08 \x01(\x05R\x0emax_new_tokens\x12&\n\x0e\x63ontext_length\x18\t \x01(\x05R\x0e\x63ontext_length\x12,\n\x11max_batch_prompts\x18\n \x01(\x05R\x11max_batch_prompts\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x0b \x01(\x08\"o\n\x12ListModelsResponse\x12\x0e\n\x06object\x18\x01 \x01(\t\x12\x1b\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\r.glm.v1.Model\x12,\n\x11max_message_bytes\x18\x03 \x01(\x05R\x11max_message_bytes2\xcb\x02\n\nGlmService\x12\x45\n\x04\x43hat\x12\x13.glm.v1.ChatRequest\x1a\x14.glm.v1.ChatResponse\"\x10\x82\xd3\xe4\x93\x02\n\"\x05/chat:\x01*0\x01\x12K\n\x05\x45mbed\x12\x14.glm.v1.EmbedRequest\x1a\x15.glm.v1.EmbedResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\"\n/embedding:\x01*\x12S\n\x08Tokenize\x12\x17.glm.v1.TokenizeRequest\x1a\x18.glm.v1.TokenizeResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\"\t/tokenize:\x01*\x12T\n\nListModels\x12\x19.glm.v1.ListModelsRequest\x1a\x1a.glm.v1.ListModelsResponse\"\x0f\x82\xd3\xe4\x93\x02\t\x12\x07/modelsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18glm/v1/glm_service.proto\x12\x06glm.v1\x1a\x1cgoogle/protobuf/struct.proto\"v\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12:\n\rfunction_call\x18\x03 \x01(\x0b\x32\x14.glm.v1.FunctionCallR\rfunction_call\x12\x0c\n\x04name\x18\x04 \x01(\t\"/\n\x0c\x46unctionCall\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\targuments\x18\x02 \x01(\t\"d\n\x12\x46unctionDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"B\n\x04Tool\x12\x0c\n\x04type\x18\x01 \x01(\t\x12,\n\x08\x66unction\x18\x02 \x01(\x0b\x32\x1a.glm.v1.FunctionDefinition\"\xe4\x03\n\x0b\x43hatRequest\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.glm.v1.ChatMessage\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x19\n\x05top_p\x18\x04 \x01(\x02H\x01R\x05top_p\x88\x01\x01\x12#\n\nmax_tokens\x18\x05 \x01(\x05H\x02R\nmax_tokens\x88\x01\x01\x12\x13\n\x06stream\x18\x06 \x01(\x08H\x03\x88\x01\x01\x12\x12\n\x05\x63hunk\x18\x07 \x01(\x08H\x04\x88\x01\x01\x12\x19\n\x05top_k\x18\x08 \x01(\x05H\x05R\x05top_k\x88\x01\x01\x12\x33\n\x12repetition_penalty\x18\t \x01(\x02H\x06R\x12repetition_penalty\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x04H\x07\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12&\n\x0estop_token_ids\x18\x0c \x03(\x05R\x0estop_token_ids\x12\x1b\n\x05tools\x18\r \x03(\x0b\x32\x0c.glm.v1.ToolB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\t\n\x07_streamB\x08\n\x06_chunkB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"f\n\tChatDelta\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12:\n\rfunction_call\x18\x03 \x01(\x0b\x32\x14.glm.v1.FunctionCallR\rfunction_call\"\x89\x01\n\nChatChoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12 \n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x11.glm.v1.ChatDelta\x12$\n\x07message\x18\x03 \x01(\x0b\x32\x13.glm.v1.ChatMessage\x12$\n\rfinish_reason\x18\x04 \x01(\tR\rfinish_reason\"\x7f\n\x05Usage\x12$\n\rprompt_tokens\x18\x01 \x01(\x05R\rprompt_tokens\x12,\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05R\x11\x63ompletion_tokens\x12\"\n\x0ctotal_tokens\x18\x03 \x01(\x05R\x0ctotal_tokens\"\x8d\x01\n\x0c\x43hatResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12#\n\x07\x63hoices\x18\x05 \x03(\x0b\x32\x12.glm.v1.ChatChoice\x12\x1c\n\x05usage\x18\x06 \x01(\x0b\x32\r.glm.v1.Usage\"@\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x03(\t\x12\x11\n\tnormalize\x18\x03 \x01(\x08\"*\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\r\n\x05index\x18\x02 \x01(\x05\"\x81\x01\n\rEmbedResponse\x12\x1f\n\x04\x64\x61ta\x18\x01 \x03(\x0b\x32\x11.glm.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06object\x18\x03 \x01(\t\x12\x1c\n\x05usage\x18\x04 \x01(\x0b\x32\r.glm.v1.Usage\x12\x12\n\ndimensions\x18\x05 \x01(\x05\"d\n\x0fTokenizeRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12#\n\nmax_tokens\x18\x02 \x01(\x05H\x00R\nmax_tokens\x88\x01\x01\x12\r\n\x05model\x18\x03 \x01(\tB\r\n\x0b_max_tokens\"g\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06object\x18\x04 \x01(\t\x12\x11\n\ttruncated\x18\x05 \x01(\x08\"\x13\n\x11ListModelsRequest\"\xae\x02\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\x1a\n\x08owned_by\x18\x04 \x01(\tR\x08owned_by\x12\r\n\x05ready\x18\x05 \x01(\x08\x12\x12\n\ndimensions\x18\x06 \x01(\x05\x12*\n\x10max_input_tokens\x18\x07 \x01(\x05R\x10max_input_tokens\x12&\n\x0emax_new_tokens\x18\x08 \x01(\x05R\x0emax_new_tokens\x12&\n\x0e\x63ontext_length\x18\t \x01(\x05R\x0e\x63ontext_length\x12,\n\x11max_batch_prompts\x18\n \x01(\x05R\x11max_batch_prompts\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x0b \x01(\x08\"o\n\x12ListModelsResponse\x12\x0e\n\x06object\x18\x01 \x01(\t\x12\x1b\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\r.glm.v1.Model\x12,\n\x11max_message_bytes\x18\x03 \x01(\x05R\x11max_message_bytes2\xfb\x01\n\nGlmService\x12\x33\n\x04\x43hat\x12\x13.glm.v1.ChatRequest\x1a\x14.glm.v1.ChatResponse0\x01\x12\x34\n\x05\x45mbed\x12\x14.glm.v1.EmbedRequest\x1a\x15.glm.v1.EmbedResponse\x12=\n\x08Tokenize\x12\x17.glm.v1.TokenizeRequest\x1a\x18.glm.v1.TokenizeResponse\x12\x43\n\nListModels\x12\x19.glm.v1.ListModelsRequest\x1a\x1a.glm.v1.ListModelsResponseBa\n\ncom.glm.v1B\x0fGlmServiceProtoP\x01Z\x1eglm-api/clients/go/glmv1;glmv1\xa2\x02\x03GLM\xaa\x02\x06Glm.V1\xca\x02\x06Glm\\V1\xea\x02\x07Glm::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'glm.v1.glm_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
-  _globals['_GLMSERVICE'].methods_by_name['Chat']._loaded_options = None
-  _globals['_GLMSERVICE'].methods_by_name['Chat']._serialized_options = b'\202\323\344\223\002\n\"\005/chat:\001*'
-  _globals['_GLMSERVICE'].methods_by_name['Embed']._loaded_options = None
-  _globals['_GLMSERVICE'].methods_by_name['Embed']._serialized_options = b'\202\323\344\223\002\017\"\n/embedding:\001*'
-  _globals['_GLMSERVICE'].methods_by_name['Tokenize']._loaded_options = None
-  _globals['_GLMSERVICE'].methods_by_name['Tokenize']._serialized_options = b'\202\323\344\223\002\016\"\t/tokenize:\001*'
-  _globals['_GLMSERVICE'].methods_by_name['ListModels']._loaded_options = None
-  _globals['_GLMSERVICE'].methods_by_name['ListModels']._serialized_options = b'\202\323\344\223\002\t\022\007/models'
-  _globals['_CHATMESSAGE']._serialized_start=96
-  _globals['_CHATMESSAGE']._serialized_end=214
-  _globals['_FUNCTIONCALL']._serialized_start=216
-  _globals['_FUNCTIONCALL']._serialized_end=263
-  _globals['_FUNCTIONDEFINITION']._serialized_start=265
-  _globals['_FUNCTIONDEFINITION']._serialized_end=365
-  _globals['_TOOL']._serialized_start=367
-  _globals['_TOOL']._serialized_end=433
-  _globals['_CHATREQUEST']._serialized_start=436
-  _globals['_CHATREQUEST']._serialized_end=920
-  _globals['_CHATDELTA']._serialized_start=922
-  _globals['_CHATDELTA']._serialized_end=1024
-  _globals['_CHATCHOICE']._serialized_start=1027
-  _globals['_CHATCHOICE']._serialized_end=1164
-  _globals['_USAGE']._serialized_start=1166
-  _globals['_USAGE']._serialized_end=1293
-  _globals['_CHATRESPONSE']._serialized_start=1296
-  _globals['_CHATRESPONSE']._serialized_end=1437
-  _globals['_EMBEDREQUEST']._serialized_start=1439
-  _globals['_EMBEDREQUEST']._serialized_end=1503
-  _globals['_EMBEDDING']._serialized_start=1505
-  _globals['_EMBEDDING']._serialized_end=1547
-  _globals['_EMBEDRESPONSE']._serialized_start=1550
-  _globals['_EMBEDRESPONSE']._serialized_end=1679
-  _globals['_TOKENIZEREQUEST']._serialized_start=1681
-  _globals['_TOKENIZEREQUEST']._serialized_end=1781
-  _globals['_TOKENIZERESPONSE']._serialized_start=1783
-  _globals['_TOKENIZERESPONSE']._serialized_end=1886
-  _globals['_LISTMODELSREQUEST']._serialized_start=1888
-  _globals['_LISTMODELSREQUEST']._serialized_end=1907
-  _globals['_MODEL']._serialized_start=1910
-  _globals['_MODEL']._serialized_end=2212
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2214
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2325
-  _globals['_GLMSERVICE']._serialized_start=2328
-  _globals['_GLMSERVICE']._serialized_end=2659
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\ncom.glm.v1B\017GlmServiceProtoP\001Z\036glm-api/clients/go/glmv1;glmv1\242\002\003GLM\252\002\006Glm.V1\312\002\006Glm\\V1\352\002\007Glm::V1'
+  _globals['_CHATMESSAGE']._serialized_start=66
+  _globals['_CHATMESSAGE']._serialized_end=184
+  _globals['_FUNCTIONCALL']._serialized_start=186
+  _globals['_FUNCTIONCALL']._serialized_end=233
+  _globals['_FUNCTIONDEFINITION']._serialized_start=235
+  _globals['_FUNCTIONDEFINITION']._serialized_end=335
+  _globals['_TOOL']._serialized_start=337
+  _globals['_TOOL']._serialized_end=403
+  _globals['_CHATREQUEST']._serialized_start=406
+  _globals['_CHATREQUEST']._serialized_end=890
+  _globals['_CHATDELTA']._serialized_start=892
+  _globals['_CHATDELTA']._serialized_end=994
+  _globals['_CHATCHOICE']._serialized_start=997
+  _globals['_CHATCHOICE']._serialized_end=1134
+  _globals['_USAGE']._serialized_start=1136
+  _globals['_USAGE']._serialized_end=1263
+  _globals['_CHATRESPONSE']._serialized_start=1266
+  _globals['_CHATRESPONSE']._serialized_end=1407
+  _globals['_EMBEDREQUEST']._serialized_start=1409
+  _globals['_EMBEDREQUEST']._serialized_end=1473
+  _globals['_EMBEDDING']._serialized_start=1475
+  _globals['_EMBEDDING']._serialized_end=1517
+  _globals['_EMBEDRESPONSE']._serialized_start=1520
+  _globals['_EMBEDRESPONSE']._serialized_end=1649
+  _globals['_TOKENIZEREQUEST']._serialized_start=1651
+  _globals['_TOKENIZEREQUEST']._serialized_end=1751
+  _globals['_TOKENIZERESPONSE']._serialized_start=1753
+  _globals['_TOKENIZERESPONSE']._serialized_end=1856
+  _globals['_LISTMODELSREQUEST']._serialized_start=1858
+  _globals['_LISTMODELSREQUEST']._serialized_end=1877
+  _globals['_MODEL']._serialized_start=1880
+  _globals['_MODEL']._serialized_end=2182
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2184
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2295
+  _globals['_GLMSERVICE']._serialized_start=2298
+  _globals['_GLMSERVICE']._serialized_end=2549
 # @@protoc_insertion_point(module_scope)
