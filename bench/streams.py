@@ -4,9 +4,10 @@ glm-api runs as a real ``python -m server`` child serving the default chat model
 generated config holding only that model, with a waiting queue long enough for the largest
 count), and N streams are opened at once over one gRPC channel. Peers are OpenAI-compatible
 servers given with ``--peer NAME=URL`` (serving the same weights, started by the user); each gets
-the same workloads through its streaming /chat/completions route, one server at a time. A peer
-the benchmark starts itself is a ChildProcess (bench/server_process.py) that hands out a `Peer`
-with its process id, so that its memory is read too.
+the same workloads through its streaming /chat/completions route, one server at a time. A peer's
+memory and CPU are those of the process listening on its URL's port (for a peer behind a proxy,
+the proxy's). A peer the benchmark starts itself is a ChildProcess (bench/server_process.py) that
+hands out a `Peer` with its process id.
 
 Why these measures:
 - aggregate tokens/s (every stream's completion tokens over the wall time from the first send to
@@ -32,12 +33,13 @@ import time
 import tomllib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
+import psutil
 
 from bench import defaults
 from bench.chat_stream import glm_stub, read_greedy_stream
@@ -80,6 +82,20 @@ class Peer:
     def peak_rss_bytes(self) -> int | None:
         """The peer's peak resident set so far, when its process is known."""
         return None if self.pid is None else read_vm_hwm(self.pid)
+
+    def with_listening_pid(self) -> Peer:
+        """This peer with the id of the process listening on its port, where one is found."""
+        if self.pid is not None:
+            return self
+        port = urlsplit(self.base_url).port or 80
+        try:
+            listening = psutil.net_connections(kind="tcp")
+        except psutil.Error:  # not allowed to list sockets here
+            return self
+        for conn in listening:
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+                return replace(self, pid=conn.pid)
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -546,8 +562,9 @@ def run_streams(
                     peak_rss=server.peak_rss_bytes,
                     say=say,
                 )
-    for peer in peers:
-        say(f"  {peer.name}: {peer.base_url}")
+    for given in peers:
+        peer = given.with_listening_pid()
+        say(f"  {peer.name}: {peer.base_url} (pid {peer.pid or 'unknown'})")
         pids = () if peer.pid is None else (peer.pid,)
         results.runs[peer.name] = measure_counts(
             peer.name,

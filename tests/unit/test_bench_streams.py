@@ -8,6 +8,7 @@ is the benchmark's job (`make bench`), not the test suite's.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -163,3 +164,12 @@ def test_the_peer_client_reports_an_http_error(sse_server: int) -> None:
     assert sample.error == "HTTP 500: oops"
     assert sample.completion_tokens == 0
     assert "model" not in _SseHandler.requests[-1]
+
+
+def test_a_peers_process_is_the_one_listening_on_its_port(sse_server: int) -> None:
+    # The test's SSE server listens in this very process.
+    peer = Peer("p", f"http://127.0.0.1:{sse_server}/v1").with_listening_pid()
+    assert peer.pid == os.getpid()
+    assert peer.peak_rss_bytes() is not None
+    known = Peer("p", f"http://127.0.0.1:{sse_server}/v1", pid=1)
+    assert known.with_listening_pid() is known
