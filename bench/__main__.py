@@ -253,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": env,
             "busy_cores_limit": BUSY_CORES_LIMIT,
             "args": {k: str(v) for k, v in vars(args).items()},
+            "about": {name: PARTS[name].about for name in args.only},
             "parts": parts,
             "errors": errors,
             "metrics": [{"part": name, **m.as_dict()} for name, m in metrics],

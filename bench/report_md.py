@@ -33,12 +33,12 @@ figures is in [architecture.md](architecture.md).
 
 ```bash
 make bench                                        # every part, then a table of figures and targets
-make bench BENCH_ARGS="--only chat,embed"         # some parts: {parts}
+make bench BENCH_ARGS="--only chat,embed"         # some parts (--help lists them)
 .venv/bin/python -m bench --only streams --streams 1,8 --peer NAME=http://HOST:PORT/v1
 make perf-doc                                     # every part, then this page from {source}
 ```
 
-The parts:
+The parts of the run below:
 
 {part_list}
 
@@ -107,13 +107,19 @@ def machine_line(results: dict[str, Any]) -> str:
     return line
 
 
-def render(results: dict[str, Any], source: str, parts: dict[str, str]) -> str:
-    """The whole page for `results` (read from `source`); `parts` maps part names to abouts."""
+def render(results: dict[str, Any], source: str, abouts: dict[str, str]) -> str:
+    """The whole page for `results` (read from `source`).
+
+    The parts listed are those the run took; each is described by the results' own "about"
+    (written by python -m bench) or else by `abouts`, so a part added to the benchmark later does
+    not change the page of an earlier run.
+    """
+    described = {**abouts, **(results.get("about") or {})}
+    ran = [*(results.get("parts") or {}), *(results.get("errors") or {})]
     out = [
         _HEADER.format(
             source=source,
-            parts=", ".join(parts),
-            part_list="\n".join(f"- `{name}`: {about}." for name, about in parts.items()),
+            part_list="\n".join(f"- `{name}`: {described.get(name, '')}." for name in ran),
         ),
         machine_line(results),
         "",
@@ -144,8 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bench.__main__ import PARTS
 
     results = json.loads(args.results.read_text())
-    parts = {name: part.about for name, part in PARTS.items()}
-    sys.stdout.write(render(results, args.results.as_posix(), parts))
+    abouts = {name: part.about for name, part in PARTS.items()}
+    sys.stdout.write(render(results, args.results.as_posix(), abouts))
     return 0
 
 

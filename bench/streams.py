@@ -75,7 +75,11 @@ class Peer:
         """NAME=URL, e.g. llama-server=http://127.0.0.1:8080/v1."""
         name, sep, url = text.partition("=")
         parts = urlsplit(url)
-        if not sep or not name or parts.scheme != "http" or not parts.hostname:
+        try:
+            port = parts.port
+        except ValueError:  # not a number
+            port = None
+        if not sep or not name or parts.scheme != "http" or not parts.hostname or port is None:
             raise ValueError(f"expected NAME=http://HOST:PORT/v1, got {text!r}")
         return cls(name.strip(), url.rstrip("/"))
 
@@ -87,7 +91,7 @@ class Peer:
         """This peer with the id of the process listening on its port, where one is found."""
         if self.pid is not None:
             return self
-        port = urlsplit(self.base_url).port or 80
+        port = urlsplit(self.base_url).port
         try:
             listening = psutil.net_connections(kind="tcp")
         except psutil.Error:  # not allowed to list sockets here

@@ -96,7 +96,8 @@ def test_peer_is_parsed_from_name_and_base_url() -> None:
         "http://127.0.0.1:8080/v1",
         None,
     )
-    for bad in ("http://127.0.0.1:8080/v1", "x=ftp://host/v1", "x=http:///v1"):
+    bad_ones = ("http://127.0.0.1:8080/v1", "x=ftp://h:1/v1", "x=http://:1/v1", "x=http://h:p/v1")
+    for bad in bad_ones:
         with pytest.raises(ValueError, match="NAME=http"):
             Peer.parse(bad)
 
