@@ -9,8 +9,6 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # The stamp changes whenever a requirements file does, so `setup` reinstalls only when needed.
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml | sha1sum | cut -c1-12)
-# The same for what only `make bench` needs (transformers serve's web stack).
-BENCH_STAMP := $(VENV)/.bench-installed-$(shell cat requirements-bench.txt | sha1sum | cut -c1-12)
 BUF := node_modules/.bin/buf
 PROTO := proto/glm/v1/glm_service.proto proto/glm/v1/http_gateway.proto
 # The descriptor set Envoy's transcoder reads (both services, with their imports).
@@ -20,6 +18,8 @@ PIP_ARGS ?=
 PYTEST_ARGS ?=
 # Arguments of `python -m bench`, e.g. BENCH_ARGS="--only streams".
 BENCH_ARGS ?=
+# The results docs/performance.md is generated from (`make perf-doc`).
+PERF_JSON := docs/perf/latest.json
 
 # The non-Python clients under clients/ generate their code from proto/ into their own folders
 # (not committed) with buf and the plugins of clients/<lang>/buf.gen.yaml, then build it.
@@ -33,7 +33,7 @@ JAVA_JARS := grpc-api grpc-context grpc-core grpc-netty grpc-protobuf grpc-proto
 empty :=
 JAVA_CP := $(subst $(empty) $(empty),:,$(patsubst %,/usr/share/java/%.jar,$(JAVA_JARS)))
 
-.PHONY: help setup gen gen-check lint buf-lint buf-breaking fmt run run-grpc envoy-config test bench clean \
+.PHONY: help setup gen gen-check lint buf-lint buf-breaking fmt run run-grpc envoy-config test bench perf-doc clean \
   toolchains gen-ts gen-go gen-cpp gen-java client-ts client-go client-cpp client-java clients
 
 help: ## List the targets.
@@ -93,13 +93,12 @@ envoy-config: $(STAMP) ## Regenerate envoy/envoy.compose.yaml (the config docker
 test: $(STAMP) ## Run the test suite (real models, real servers on free ports).
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-$(BENCH_STAMP): $(STAMP) requirements-bench.txt
-	$(PIP) install -q $(PIP_ARGS) -r requirements-bench.txt
-	rm -f $(VENV)/.bench-installed-*
-	touch $@
-
-bench: $(BENCH_STAMP) ## Run the benchmarks and print their ratios (BENCH_ARGS="--only streams").
+bench: $(STAMP) ## Run the benchmarks and print their ratios (BENCH_ARGS="--only streams").
 	$(PY) -m bench $(BENCH_ARGS)
+
+perf-doc: $(STAMP) ## Run every benchmark, then regenerate docs/performance.md from its results.
+	$(PY) -m bench --json $(PERF_JSON) $(BENCH_ARGS)
+	$(PY) -m bench.report_md $(PERF_JSON) > docs/performance.md
 
 toolchains: ## Install the Debian toolchains of the Go, C++ and Java clients (root, idempotent).
 	scripts/install_toolchains.sh

@@ -1,19 +1,17 @@
-"""Chat benchmark: one greedy gRPC stream against ``model.generate`` on the same weights.
+"""Chat part: one greedy gRPC stream against ``model.generate`` on the same weights.
 
 Both sides generate the same number of tokens from the same prompt ids with the same dtype and
-torch's default thread count, one after the other (never at the same time: they share the cores).
+torch's default thread count, taking turns (never at the same time: they share the cores).
 Throughput is end to end on both sides (prefill included), so the ratio is what a client gets
-from the server compared with calling transformers itself.
-
-One limit of a single run: the same prefill has been measured 105-136 ms in six fresh processes
-on this machine (decode steps vary by about 2%), so "TTFT added by the server" carries that
-process-to-process spread on top of what the server really adds.
+from the server compared with calling transformers itself. The time to first token the server
+adds is measured in back-to-back pairs (in-process prefill and first token, then a one-token
+stream): it is small next to a prefill, and load from other processes drifts slower than a pair.
 """
 
 from __future__ import annotations
 
+import argparse
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +19,11 @@ from typing import Any
 import grpc
 import torch
 
-from bench.chat_stream import read_greedy_stream
-from bench.defaults import CHAT_ADDED_TTFT_MS_TARGET, CHAT_TOK_S_RATIO_TARGET, DEFAULT_PROMPT
-from bench.report import Metric, median
-from glm.v1 import glm_service_pb2_grpc as pb_grpc
+from bench.chat_stream import glm_stub, read_greedy_stream
+from bench.defaults import CHAT_ADDED_TTFT_MS_TARGET, CHAT_TOK_S_RATIO_TARGET
+from bench.load import BackgroundLoad, is_noisy
+from bench.report import Metric, Say, Section, flagged, median
+from bench.server_process import ServerProcess
 
 # Warm-up length: enough to run prefill and a few decode steps through every code path once.
 _WARMUP_TOKENS = 8
@@ -39,7 +38,6 @@ class StreamRun:
     completion_tokens: int
     prompt_tokens: int
     finish_reason: str
-    chunks: int
     text: str
 
     @property
@@ -47,43 +45,25 @@ class StreamRun:
         """Completion tokens over the whole call, prefill included (as for model.generate)."""
         return self.completion_tokens / self.total_s
 
-    @property
-    def decode_tokens_per_s(self) -> float:
-        """Tokens after the first over the time after the first: the decode loop alone."""
-        return (self.completion_tokens - 1) / max(self.total_s - self.ttft_s, 1e-9)
-
 
 @dataclass(frozen=True, slots=True)
 class RawRun:
-    """One in-process throughput repeat: generate(1) and generate(N), in seconds."""
+    """One in-process generate call: its seconds and the tokens it produced."""
 
-    generate_1_s: float
-    generate_n_s: float
+    seconds: float
     tokens: int
 
     @property
     def tokens_per_s(self) -> float:
-        """Generated tokens over the whole generate call."""
-        return self.tokens / self.generate_n_s
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        """Tokens after the first over generate(N) minus generate(1)."""
-        return (self.tokens - 1) / max(self.generate_n_s - self.generate_1_s, 1e-9)
+        return self.tokens / self.seconds
 
 
 @dataclass(frozen=True, slots=True)
 class TtftPair:
-    """Time to first token, in-process and through the server, taken one right after the other.
-
-    Pairs rather than two separate medians: the difference is a few milliseconds on top of a
-    prefill of a hundred or more, and load from other processes drifts slower than one pair.
-    """
+    """Time to first token, in-process and through the server, one right after the other."""
 
     raw_s: float
     server_s: float
-    # The same prefill computing logits for every prompt position, as a plain forward() does.
-    raw_all_logits_s: float
 
     @property
     def added_s(self) -> float:
@@ -92,13 +72,12 @@ class TtftPair:
 
 @dataclass(slots=True)
 class ChatResults:
-    """Every sample of the chat benchmark and what is derived from them."""
+    """Every sample of the chat part and what is derived from them."""
 
     prompt: str
     tokens: int
     prompt_tokens: int
     dtype: str
-    torch_threads: int
     raw: list[RawRun] = field(default_factory=list)
     server: list[StreamRun] = field(default_factory=list)
     ttft: list[TtftPair] = field(default_factory=list)
@@ -114,23 +93,10 @@ class ChatResults:
 
     @property
     def tok_s_ratio(self) -> float:
-        """The median of the per-repeat ratios.
-
-        Each pair ran back to back, so background load that drifts cancels out better than in a
-        ratio of the two medians (which as_dict() also reports).
-        """
+        """The median of the per-repeat ratios: each pair ran back to back, so load that drifts
+        cancels out better than in a ratio of two medians."""
         return median(
             [s.tokens_per_s / r.tokens_per_s for r, s in zip(self.raw, self.server, strict=True)]
-        )
-
-    @property
-    def decode_ratio(self) -> float:
-        """As tok_s_ratio, for the tokens after the first (the decode loop without prefill)."""
-        return median(
-            [
-                s.decode_tokens_per_s / r.decode_tokens_per_s
-                for r, s in zip(self.raw, self.server, strict=True)
-            ]
         )
 
     @property
@@ -142,20 +108,8 @@ class ChatResults:
         return 1000 * median([p.raw_s for p in self.ttft])
 
     @property
-    def raw_all_logits_ms(self) -> float:
-        return 1000 * median([p.raw_all_logits_s for p in self.ttft])
-
-    @property
-    def raw_generate_1_ms(self) -> float:
-        return 1000 * median([r.generate_1_s for r in self.raw])
-
-    @property
     def added_ttft_ms(self) -> float:
         return 1000 * median([p.added_s for p in self.ttft])
-
-    @property
-    def finish_reasons(self) -> list[str]:
-        return [s.finish_reason for s in self.server]
 
     @property
     def outputs_match(self) -> bool:
@@ -165,23 +119,21 @@ class ChatResults:
     def metrics(self) -> list[Metric]:
         """The lines of the final table."""
         return [
-            Metric("chat: raw generate tok/s", self.raw_tok_s, "tok/s", digits=1),
-            Metric("chat: server tok/s", self.server_tok_s, "tok/s", digits=1),
+            Metric("chat: in-process generate", self.raw_tok_s, "tok/s", digits=1),
+            Metric("chat: server stream", self.server_tok_s, "tok/s", digits=1),
             Metric(
-                "chat: server tok/s / raw generate tok/s",
+                "chat: server tok/s / in-process generate tok/s",
                 self.tok_s_ratio,
-                "",
-                CHAT_TOK_S_RATIO_TARGET,
+                target=CHAT_TOK_S_RATIO_TARGET,
             ),
-            Metric("chat: the same ratio, decode only (tokens 2..N)", self.decode_ratio),
-            Metric("chat: server TTFT", self.server_ttft_ms, "ms", digits=1),
+            Metric("chat: server time to first token", self.server_ttft_ms, "ms", digits=1),
             Metric("chat: in-process prefill + 1st token", self.raw_first_token_ms, "ms", digits=1),
             Metric(
-                "chat: TTFT added by the server",
+                "chat: time to first token added by the server",
                 self.added_ttft_ms,
                 "ms",
                 CHAT_ADDED_TTFT_MS_TARGET,
-                1,
+                digits=1,
             ),
         ]
 
@@ -192,19 +144,14 @@ class ChatResults:
             "tokens": self.tokens,
             "prompt_tokens": self.prompt_tokens,
             "dtype": self.dtype,
-            "torch_threads": self.torch_threads,
             "raw_tok_s": self.raw_tok_s,
             "server_tok_s": self.server_tok_s,
             "tok_s_ratio": self.tok_s_ratio,
-            "tok_s_ratio_of_medians": self.server_tok_s / self.raw_tok_s,
-            "decode_ratio": self.decode_ratio,
             "server_ttft_ms": self.server_ttft_ms,
             "raw_first_token_ms": self.raw_first_token_ms,
-            "raw_all_logits_first_token_ms": self.raw_all_logits_ms,
-            "raw_generate_1_ms": self.raw_generate_1_ms,
             "added_ttft_ms": self.added_ttft_ms,
-            "finish_reasons": self.finish_reasons,
             "outputs_match": self.outputs_match,
+            "finish_reasons": [s.finish_reason for s in self.server],
             "raw_runs": [asdict(r) for r in self.raw],
             "ttft_pairs": [asdict(p) for p in self.ttft],
             "server_runs": [
@@ -234,15 +181,13 @@ class InProcessChat:
         return torch.tensor([[int(i) for i in ids]], dtype=torch.long)
 
     @torch.inference_mode()
-    def first_token_s(self, ids: torch.Tensor, *, all_logits: bool = False) -> float:
+    def first_token_s(self, ids: torch.Tensor) -> float:
         """Seconds for one forward pass over the prompt plus the greedy choice of a token.
 
-        Only the last position's logits are computed, as generate() does: the first token needs
-        no others. With `all_logits`, the LM head runs on every prompt position (forward()'s
-        default), to show what that costs.
+        Only the last position's logits are computed, as generate() does.
         """
         started = time.perf_counter()
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=0 if all_logits else 1)
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         int(out.logits[0, -1].argmax())
         return time.perf_counter() - started
 
@@ -263,11 +208,9 @@ class InProcessChat:
         return elapsed, [int(t) for t in out[0, ids.shape[1] :]]
 
 
-def stream_once(
-    stub: pb_grpc.GlmServiceStub, prompt: str, max_tokens: int, timeout_s: float = 300.0
-) -> StreamRun:
+def stream_once(channel: grpc.Channel, prompt: str, max_tokens: int) -> StreamRun:
     """Run one greedy Chat stream and time it from the client's side."""
-    read = read_greedy_stream(stub, prompt, max_tokens, timeout_s)
+    read = read_greedy_stream(glm_stub(channel), prompt, max_tokens, timeout_s=300.0)
     if read.error is not None:
         raise read.error
     total = read.ended - read.sent
@@ -277,7 +220,6 @@ def stream_once(
         completion_tokens=read.completion_tokens,
         prompt_tokens=read.prompt_tokens,
         finish_reason=read.finish_reason,
-        chunks=read.chunks,
         text=read.text,
     )
 
@@ -289,62 +231,96 @@ def run_chat(
     tokens: int,
     repeats: int,
     ttft_samples: int,
-    prompt: str = DEFAULT_PROMPT,
-    say: Callable[[str], None] = print,
+    prompt: str,
+    say: Say,
 ) -> ChatResults:
-    """Interleave in-process and server runs; never both at once.
-
-    First `repeats` pairs of full-length generations (throughput), then `ttft_samples` pairs of
-    first tokens (a one-token stream costs one prefill, so many samples are cheap).
-    """
+    """Interleave in-process and server runs, never both at once: `repeats` pairs of full-length
+    generations (throughput), then `ttft_samples` pairs of first tokens."""
     ids = raw.prompt_ids(prompt)
     results = ChatResults(
         prompt=prompt,
         tokens=tokens,
         prompt_tokens=int(ids.shape[1]),
         dtype=str(raw.dtype).removeprefix("torch."),
-        torch_threads=torch.get_num_threads(),
     )
     with grpc.insecure_channel(target) as channel:
-        stub = pb_grpc.GlmServiceStub(channel)
         # Warm-up, not timed: the first calls pay for lazy initialisation (allocator pools,
         # kernel selection) on both sides and for the HTTP/2 connection on the client.
         raw.first_token_s(ids)
         raw.generate(ids, _WARMUP_TOKENS)
-        warm = stream_once(stub, prompt, _WARMUP_TOKENS)
+        warm = stream_once(channel, prompt, _WARMUP_TOKENS)
         if warm.prompt_tokens != results.prompt_tokens:
             say(
                 f"  warning: the server's prompt is {warm.prompt_tokens} tokens, the in-process "
                 f"one {results.prompt_tokens}: the two sides do not run the same prompt"
             )
         for i in range(repeats):
-            gen1, _ = raw.generate(ids, 1)
-            gen_n, new_ids = raw.generate(ids, tokens)
-            raw_run = RawRun(gen1, gen_n, len(new_ids))
+            seconds, new_ids = raw.generate(ids, tokens)
+            raw_run = RawRun(seconds, len(new_ids))
             results.raw.append(raw_run)
             results.raw_text = raw.tokenizer.decode(new_ids, skip_special_tokens=True)
-            run = stream_once(stub, prompt, tokens)
+            run = stream_once(channel, prompt, tokens)
             results.server.append(run)
             say(
-                f"  tok/s {i + 1}/{repeats}: raw generate {raw_run.tokens_per_s:5.1f} | server "
+                f"  tok/s {i + 1}/{repeats}: in-process {raw_run.tokens_per_s:5.1f} | server "
                 f"{run.tokens_per_s:5.1f} (ratio {run.tokens_per_s / raw_run.tokens_per_s:.3f}; "
-                f"{run.completion_tokens} tokens in {run.chunks} chunks, "
                 f"finish {run.finish_reason!r})"
             )
         for _ in range(ttft_samples):
-            all_logits = raw.first_token_s(ids, all_logits=True)
             first = raw.first_token_s(ids)
-            server_first = stream_once(stub, prompt, 1).ttft_s
-            results.ttft.append(TtftPair(first, server_first, all_logits))
+            results.ttft.append(TtftPair(first, stream_once(channel, prompt, 1).ttft_s))
         say(
-            "  first token, "
+            "  first token: "
             + ", ".join(f"{1000 * p.added_s:+.0f}" for p in results.ttft)
-            + " ms added by the server in each of "
-            f"{ttft_samples} pairs (in-process ~{results.raw_first_token_ms:.0f} ms)"
+            + f" ms added by the server (in-process ~{results.raw_first_token_ms:.0f} ms)"
         )
-    if any(r != "length" for r in results.finish_reasons):
+    if any(s.finish_reason != "length" for s in results.server):
         say(
-            "  note: the server stopped before max_tokens on some runs; its tok/s counts the "
-            "tokens it did generate, but try another --prompt for a like-for-like comparison"
+            "  note: the server stopped before max_tokens on some runs; try another --prompt for "
+            "a like-for-like comparison"
         )
     return results
+
+
+def run(args: argparse.Namespace, say: Say) -> Section:
+    """The chat part: the in-process model, then a server of its own, then the pairs."""
+    from bench.models import chat_model_folder, default_spec, quiet_transformers, server_settings
+    from server.domain import ModelKind
+    from server.models.sources import resolve_dtype
+
+    quiet_transformers()
+    settings = server_settings()
+    spec = default_spec(ModelKind.CHAT, settings)
+    folder = chat_model_folder(spec, settings)
+    dtype = resolve_dtype(spec, torch.device("cpu"))
+    say(f"chat: in-process {spec.id} ({dtype}) from {folder}")
+    # Loaded before the server starts, so that the server's start-up time is its own.
+    raw = InProcessChat(folder, dtype)
+    with ServerProcess() as server:
+        say(f"chat: python -m server on {server.target} (pid {server.pid})")
+        server.wait_ready()
+        say(
+            f"chat: {args.repeats} x (in-process generate, server stream) of {args.tokens} "
+            f"greedy tokens, then {args.ttft_samples} first-token pairs; prompt {args.prompt!r}"
+        )
+        load = BackgroundLoad(server.pid)
+        before = load.snapshot()
+        results = run_chat(
+            raw,
+            server.target,
+            tokens=args.tokens,
+            repeats=args.repeats,
+            ttft_samples=args.ttft_samples,
+            prompt=args.prompt,
+            say=say,
+        )
+        busy = load.cores_between(before, load.snapshot())
+    say(
+        f"  prompt {results.prompt_tokens} tokens; server and in-process text "
+        f"{'identical' if results.outputs_match else 'DIFFER'}"
+    )
+    metrics = [*results.metrics(), Metric("chat: other processes' CPU load", busy, "cores")]
+    return Section(
+        results.as_dict() | {"server": server.figures(), "background_cores": busy},
+        flagged(metrics, is_noisy(busy)) + server.metrics("chat"),
+    )

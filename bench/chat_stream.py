@@ -1,8 +1,8 @@
 """One greedy Chat stream over gRPC, read to its end and timed on the client's clock.
 
-The chat benchmark (one stream against in-process generate) and the streams benchmark (many at
-once, against transformers serve) read their streams the same way; each turns the reading into
-its own record.
+The chat part (one stream against in-process generate), the streams part (many at once) and the
+Envoy part (direct gRPC against JSON through Envoy) read their streams the same way; each turns
+the reading into its own record.
 """
 
 from __future__ import annotations
@@ -11,9 +11,16 @@ import time
 from dataclasses import dataclass
 
 import grpc
+import grpc.aio
 
 from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
+
+
+def glm_stub(channel: grpc.Channel | grpc.aio.Channel) -> pb_grpc.GlmServiceStub:
+    """A GlmService stub on `channel` (grpc's own generated client)."""
+    # The generated constructor carries no annotations.
+    return pb_grpc.GlmServiceStub(channel)  # type: ignore[no-untyped-call]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,23 +1,21 @@
-"""Embedding benchmark: 32 concurrent one-sentence Embed calls against in-process batches of 32.
+"""Embed part: 32 concurrent one-sentence Embed calls against in-process batches of 32.
 
 The server only reaches batch-32 throughput if its dynamic batcher gathers the concurrent calls
-into shared forward passes, so this measures the batcher as much as the transport. Two
-in-process baselines at batch 32:
+into shared forward passes, so this measures the batcher as much as the transport. In-process
+baselines, each taking turns with the server:
 - per round: `encode` on each round's 32 sentences, the very groups the server receives at once.
-  This is the ratio's baseline: it is the best any server can do with what it is sent.
+  This is the main ratio's baseline: the best any server can do with what it is sent.
 - whole set: one `encode` over all the sentences, which sentence-transformers sorts by length
   before cutting them into batches of 32, so its batches hold less padding than any batch of 32
-  arrival-ordered sentences can (about 10% faster here). Reported, with its ratio, for context.
-In-process encode at batch 1 is reported too: it is what the server would do without batching.
-
-The server embeds a batch without padding (server/models/packed_encoder.py), where `encode`
-pads every sentence of a batch to the longest. So a third in-process baseline, for context,
-runs the server's own unpadded pass on each round: the server's ratio to it is what serving
-costs (the calls' transport and batching) with the model work the same on both sides.
+  arrival-ordered sentences can.
+- unpadded per round (context): the server's own unpadded pass (server/models/packed_encoder.py)
+  on each round, where `encode` pads every sentence to the longest of its batch. The server's
+  ratio to it is what serving costs (transport and batching) with the model work the same.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import time
 from collections.abc import Callable, Sequence
@@ -30,8 +28,11 @@ import grpc.aio
 import numpy as np
 import torch
 
-from bench.defaults import CONCURRENCY, EMBED_RATIO_TARGET, ROUNDS
-from bench.report import Metric, median
+from bench.chat_stream import glm_stub
+from bench.defaults import EMBED_RATIO_TARGET, EMBED_WHOLE_SET_RATIO_TARGET
+from bench.load import BackgroundLoad, is_noisy
+from bench.report import Metric, Say, Section, flagged, median
+from bench.server_process import ServerProcess
 from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
 
@@ -92,7 +93,6 @@ class EmbedResults:
     rounds32_s: list[float] = field(default_factory=list)
     # The server's unpadded pass on each round, in process (empty where the model pads).
     packed_rounds_s: list[float] = field(default_factory=list)
-    batch1_s: list[float] = field(default_factory=list)
     server_s: list[float] = field(default_factory=list)
     max_abs_diff: float = 0.0
 
@@ -106,10 +106,6 @@ class EmbedResults:
     @property
     def rounds32_per_s(self) -> float:
         return self._rate(self.rounds32_s)
-
-    @property
-    def batch1_per_s(self) -> float:
-        return self._rate(self.batch1_s)
 
     @property
     def server_per_s(self) -> float:
@@ -147,7 +143,6 @@ class EmbedResults:
                 "sent/s",
                 digits=1,
             ),
-            Metric("embed: in-process encode batch 1", self.batch1_per_s, "sent/s", digits=1),
             Metric(
                 f"embed: server, {self.concurrency} concurrent clients",
                 self.server_per_s,
@@ -155,9 +150,15 @@ class EmbedResults:
                 digits=1,
             ),
             Metric(
-                "embed: server / in-process batch 32 per round", self.ratio, "", EMBED_RATIO_TARGET
+                "embed: server / in-process batch 32 per round",
+                self.ratio,
+                target=EMBED_RATIO_TARGET,
             ),
-            Metric("embed: server / in-process batch 32 whole set", self.whole_set_ratio),
+            Metric(
+                "embed: server / in-process batch 32 whole set",
+                self.whole_set_ratio,
+                target=EMBED_WHOLE_SET_RATIO_TARGET,
+            ),
             Metric(
                 "embed: server / in-process unpadded passes per round (the server's model code)",
                 self.packed_ratio,
@@ -173,16 +174,13 @@ class EmbedResults:
             "batch32_per_s": self.batch32_per_s,
             "rounds32_per_s": self.rounds32_per_s,
             "whole_set_ratio": self.whole_set_ratio,
-            "batch1_per_s": self.batch1_per_s,
             "server_per_s": self.server_per_s,
             "ratio": self.ratio,
             "packed_ratio": self.packed_ratio,
-            "ratio_of_medians": self.server_per_s / self.batch32_per_s,
             "max_abs_diff_vs_in_process": self.max_abs_diff,
             "batch32_s": self.batch32_s,
             "rounds32_s": self.rounds32_s,
             "packed_rounds_s": self.packed_rounds_s,
-            "batch1_s": self.batch1_s,
             "server_s": self.server_s,
         }
 
@@ -250,7 +248,7 @@ class ServerEmbedder:
     def _stub(self) -> pb_grpc.GlmServiceStub:
         if self._channel is None:
             self._channel = self._runner.run(self._open())
-        return pb_grpc.GlmServiceStub(self._channel)
+        return glm_stub(self._channel)
 
     async def _open(self) -> grpc.aio.Channel:
         # Created inside the loop: a grpc.aio channel belongs to the loop it was made on.
@@ -281,7 +279,7 @@ class ServerEmbedder:
     def close(self) -> None:
         """Close the channel, then the loop."""
         if self._channel is not None:
-            self._runner.run(self._channel.close())
+            self._runner.run(self._channel.close(None))
         self._runner.close()
 
 
@@ -290,9 +288,9 @@ def run_embed(
     target: str,
     *,
     repeats: int,
-    concurrency: int = CONCURRENCY,
-    rounds: int = ROUNDS,
-    say: Callable[[str], None] = print,
+    concurrency: int,
+    rounds: int,
+    say: Say,
 ) -> EmbedResults:
     """Interleave in-process and server passes over the same sentences `repeats` times."""
     sentences = make_sentences(concurrency * rounds)
@@ -306,15 +304,13 @@ def run_embed(
             say(f"  embed: no unpadded baseline, the model pads its batches: {embedder.not_packed}")
         server.rounds(sentences[:concurrency], concurrency)
         for i in range(repeats):
-            # The two sides of the ratio run back to back; batch 1 is context, so it goes last.
+            # The two sides of the main ratio run back to back.
             rounds_s = embedder.encode_rounds(sentences, concurrency)
             server_s, vectors = server.rounds(sentences, concurrency)
             packed_s = embedder.encode_rounds_packed(sentences, concurrency)
             b32_s, reference = embedder.encode(sentences, 32)
-            b1_s, _ = embedder.encode(sentences, 1)
             results.rounds32_s.append(rounds_s)
             results.batch32_s.append(b32_s)
-            results.batch1_s.append(b1_s)
             results.server_s.append(server_s)
             if packed_s is not None:
                 results.packed_rounds_s.append(packed_s)
@@ -324,8 +320,7 @@ def run_embed(
             n = len(sentences)
             say(
                 f"  embed {i + 1}/{repeats}: in-process b32 per round {n / rounds_s:6.1f}, "
-                f"whole set {n / b32_s:6.1f} sent/s, "
-                f"b1 {n / b1_s:6.1f}, unpadded per round "
+                f"whole set {n / b32_s:6.1f}, unpadded per round "
                 f"{'-' if packed_s is None else format(n / packed_s, '6.1f')} sent/s | "
                 f"server {n / server_s:6.1f} sent/s "
                 f"({concurrency} concurrent x {rounds} rounds)"
@@ -333,3 +328,39 @@ def run_embed(
     finally:
         server.close()
     return results
+
+
+def run(args: argparse.Namespace, say: Say) -> Section:
+    """The embed part: the in-process model, then a server of its own, then the passes."""
+    from bench.models import embed_model_folder, quiet_transformers
+
+    quiet_transformers()
+    folder = embed_model_folder()
+    say(f"embed: in-process model from {folder}")
+    # Loaded before the server starts, so that the server's start-up time is its own.
+    embedder = InProcessEmbedder(folder)
+    with ServerProcess() as server:
+        say(f"embed: python -m server on {server.target} (pid {server.pid})")
+        server.wait_ready()
+        say(
+            f"embed: {args.repeats} x (in-process encode of rounds of {args.concurrency} and of "
+            f"the whole set, server with {args.concurrency} concurrent one-sentence calls x "
+            f"{args.rounds} rounds)"
+        )
+        load = BackgroundLoad(server.pid)
+        before = load.snapshot()
+        results = run_embed(
+            embedder,
+            server.target,
+            repeats=args.repeats,
+            concurrency=args.concurrency,
+            rounds=args.rounds,
+            say=say,
+        )
+        busy = load.cores_between(before, load.snapshot())
+    say(f"  largest |server - in-process| vector component: {results.max_abs_diff:.2e}")
+    metrics = [*results.metrics(), Metric("embed: other processes' CPU load", busy, "cores")]
+    return Section(
+        results.as_dict() | {"server": server.figures(), "background_cores": busy},
+        flagged(metrics, is_noisy(busy)) + server.metrics("embed"),
+    )

@@ -1,10 +1,9 @@
 """How much CPU other processes used while a benchmark ran.
 
 On a small shared machine, a test suite or a build started by someone else steals cores from the
-server and the in-process baseline, and it does not hit them alike: one busy core has been seen
-to slow the benchmark's two-thread torch forward passes 10-30x but the server's far less, so
-ratios measured under load flatter the server. The benchmark cannot prevent that, but it can say
-so next to its numbers.
+server and the in-process baseline, and it does not hit them alike: a busy core slows the
+benchmark's own multi-threaded torch passes far more than the server's, so ratios measured under
+load flatter the server. The benchmark cannot prevent that, but it can say so next to its numbers.
 """
 
 from __future__ import annotations
@@ -20,11 +19,17 @@ import psutil
 BUSY_CORES_LIMIT = 0.2
 
 
+def is_noisy(busy_cores: float) -> bool:
+    """Whether other processes kept enough cores busy to make a measurement unreliable."""
+    return busy_cores > BUSY_CORES_LIMIT
+
+
 def _busy_cpu_s() -> float:
     """CPU-seconds the whole machine spent on anything but idling, since boot."""
     times = psutil.cpu_times()
     idle = times.idle + getattr(times, "iowait", 0.0)
-    return sum(times) - idle - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
+    guest = getattr(times, "guest", 0.0) + getattr(times, "guest_nice", 0.0)
+    return float(sum(times)) - idle - guest
 
 
 def _process_cpu_s(pid: int) -> float:
@@ -33,11 +38,13 @@ def _process_cpu_s(pid: int) -> float:
         times = psutil.Process(pid).cpu_times()
     except psutil.Error:
         return 0.0
-    return times.user + times.system
+    return float(times.user + times.system)
 
 
 @dataclass(frozen=True, slots=True)
-class _Snapshot:
+class Snapshot:
+    """The machine's and the benchmark's CPU counters at one moment."""
+
     wall_s: float
     busy_s: float
     ours_s: float
@@ -49,13 +56,13 @@ class BackgroundLoad:
     def __init__(self, *pids: int) -> None:
         self._pids = (os.getpid(), *pids)
 
-    def snapshot(self) -> _Snapshot:
+    def snapshot(self) -> Snapshot:
         """The counters now; pass two of them to cores_between()."""
         ours = sum(_process_cpu_s(pid) for pid in self._pids)
-        return _Snapshot(time.monotonic(), _busy_cpu_s(), ours)
+        return Snapshot(time.monotonic(), _busy_cpu_s(), ours)
 
     @staticmethod
-    def cores_between(start: _Snapshot, end: _Snapshot) -> float:
+    def cores_between(start: Snapshot, end: Snapshot) -> float:
         """The average number of cores other processes kept busy between two snapshots."""
         wall = end.wall_s - start.wall_s
         if wall <= 0:

@@ -59,3 +59,11 @@ def embed_model_folder() -> Path:
     if not folder.is_dir():
         raise LookupError(f"{folder} does not exist")
     return folder
+
+
+def quiet_transformers() -> None:
+    """Keep the in-process baselines from printing generation-config advice or progress bars."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()

@@ -1,13 +1,15 @@
-"""Metrics with targets, and the table that closes a benchmark run."""
+"""Metrics with targets, each part's results, and the table that closes a benchmark run."""
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 Comparison = Literal[">=", "<"]
+# Where a part prints its progress (print, flushed, in `python -m bench`).
+Say = Callable[[str], object]
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +25,14 @@ class Target:
 
     def __str__(self) -> str:
         return f"{self.op} {self.threshold:g}"
+
+
+def format_value(value: float | None, unit: str, digits: int) -> str:
+    """A figure as the table shows it: `digits` decimals and its unit, "-" when not measured."""
+    if value is None:
+        return "-"
+    text = f"{value:.{digits}f}"
+    return f"{text} {unit}" if unit else text
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +59,7 @@ class Metric:
 
     def formatted_value(self) -> str:
         """The value with its unit, or "-" when it was not measured."""
-        if self.value is None:
-            return "-"
-        text = f"{self.value:.{self.digits}f}"
-        return f"{text} {self.unit}" if self.unit else text
+        return format_value(self.value, self.unit, self.digits)
 
     def as_dict(self) -> dict[str, object]:
         """The metric as plain JSON-ready values."""
@@ -60,15 +67,40 @@ class Metric:
             "name": self.name,
             "value": self.value,
             "unit": self.unit,
+            "digits": self.digits,
             "target": str(self.target) if self.target else None,
             "verdict": self.verdict,
             "noisy": self.noisy,
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Section:
+    """What one part of the benchmark measured: its figures for the JSON file, its table lines."""
+
+    figures: dict[str, Any]
+    metrics: list[Metric]
+
+
+def flagged(metrics: list[Metric], noisy: bool) -> list[Metric]:
+    """The metrics, marked as measured on a busy machine when `noisy`."""
+    return [replace(m, noisy=True) for m in metrics] if noisy else metrics
+
+
 def median(values: Sequence[float]) -> float:
     """The median; medians, not means, because one descheduled run must not move the result."""
     return statistics.median(values)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100), linear between the closest ranks (numpy's default)."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("percentile of no values")
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def format_table(metrics: Sequence[Metric]) -> str:

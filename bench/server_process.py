@@ -20,14 +20,22 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Any, Self
 
 import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.report import Metric
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _SERVING = health_pb2.HealthCheckResponse.SERVING
+MIB = 1024 * 1024
+
+
+def mib(value: int | None) -> float | None:
+    """Bytes in MiB, None staying None."""
+    return None if value is None else value / MIB
 
 
 class ServerError(RuntimeError):
@@ -84,7 +92,11 @@ class _RssSampler(threading.Thread):
 
 
 class ChildProcess(ABC):
-    """A benchmarked child process; `with` starts it and always stops it."""
+    """A benchmarked child process; `with` starts it and always stops it.
+
+    A peer server the benchmark starts itself (an OpenAI-compatible one for bench/streams.py)
+    is one of these too.
+    """
 
     # The child's stdout and stderr, a temporary file opened by start() and closed by stop().
     _log: IO[bytes] | None = None
@@ -156,6 +168,8 @@ class ServerProcess(ChildProcess):
         self._log: IO[bytes] | None = None
         self._sampler: _RssSampler | None = None
         self._started_at = 0.0
+        # The peak resident set, read by stop() before the process (and its VmHWM) goes.
+        self.final_peak_rss_bytes: int | None = None
 
     @property
     def target(self) -> str:
@@ -225,6 +239,7 @@ class ServerProcess(ChildProcess):
             self._sampler.stop()
         proc = self._proc
         if proc is not None and proc.poll() is None:
+            self.final_peak_rss_bytes = self.peak_rss_bytes()
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=self.stop_timeout_s)
@@ -236,3 +251,18 @@ class ServerProcess(ChildProcess):
         if self._log is not None:
             self._log.close()
         return self.exit_code
+
+    def figures(self) -> dict[str, Any]:
+        """Start-up time, peak memory and exit status, for the JSON file (after stop())."""
+        return {
+            "ready_s": self.ready_after_s,
+            "peak_rss_bytes": self.final_peak_rss_bytes,
+            "exit_code": self.exit_code,
+        }
+
+    def metrics(self, part: str) -> list[Metric]:
+        """Start-up time and peak memory as table lines of `part` (after stop())."""
+        return [
+            Metric(f"{part}: server start to SERVING", self.ready_after_s, "s", digits=1),
+            Metric(f"{part}: server peak RSS", mib(self.final_peak_rss_bytes), "MiB", digits=0),
+        ]

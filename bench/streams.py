@@ -1,20 +1,21 @@
-"""Concurrent streams: throughput, time to first token and memory under load, in one run.
+"""Streams part: N concurrent greedy Chat streams, for each N, against glm-api and its peers.
 
-glm-api is started as a real ``python -m server`` child that serves the default chat model alone
-(a generated config holding only that model, with a waiting queue long enough for the largest
-stream count), and N greedy Chat streams are opened at once over one gRPC channel, for each N.
-Then ``transformers serve --continuous-batching`` serves the very same weights folder in float32
-on the CPU (bench/serve_baseline.py) and gets the same N-stream workload through its
-OpenAI-compatible streaming route, once for each of its cache sizings (as shipped, and sized for
-the workload: bench/defaults.py TSERVE_CACHES). No two servers ever run at the same time.
+glm-api runs as a real ``python -m server`` child serving the default chat model alone (a
+generated config holding only that model, with a waiting queue long enough for the largest
+count), and N streams are opened at once over one gRPC channel. Peers are OpenAI-compatible
+servers given with ``--peer NAME=URL`` (serving the same weights, started by the user); each gets
+the same workloads through its streaming /chat/completions route, one server at a time. A peer's
+memory and CPU are those of the process listening on its URL's port (for a peer behind a proxy,
+the proxy's). A peer the benchmark starts itself is a ChildProcess (bench/server_process.py) that
+hands out a `Peer` with its process id.
 
 Why these measures:
 - aggregate tokens/s (every stream's completion tokens over the wall time from the first send to
-  the last end) is what the machine delivers; the ratio 8 streams / 1 stream says whether
+  the last end) is what the machine delivers; the ratio N streams / 1 stream says whether
   continuous batching pays off;
 - per-stream tokens/s (median) is what one client sees while the others run;
 - time to first token (p50, p99) includes the time a request waits for a slot, which is what a
-  client waits for at 32 streams when only max_concurrent (8) run at once;
+  client waits for when more streams come than run at once (max_concurrent);
 - peak resident memory (VmHWM) is read after each workload; counts run in increasing order, so
   the value after N is the peak up to and including N streams.
 
@@ -23,9 +24,9 @@ Every stream is bounded by a deadline, and every loop by a count.
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
-import statistics
 import tempfile
 import threading
 import time
@@ -35,35 +36,70 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
+import psutil
 
-from bench.chat_stream import read_greedy_stream
-from bench.defaults import (
-    STREAMS_SCALING_TARGET,
-    STREAMS_VS_TSERVE_TOK_S_TARGET,
-    STREAMS_VS_TSERVE_TTFT_TARGET,
-    TSERVE_CACHES,
-)
-from bench.load import BUSY_CORES_LIMIT, BackgroundLoad
-from bench.report import Metric, median
-from bench.serve_baseline import TransformersServe
-from bench.server_process import ServerProcess
-from bench.tserve_cache import TserveCache
-from glm.v1 import glm_service_pb2_grpc as pb_grpc
+from bench import defaults
+from bench.chat_stream import glm_stub, read_greedy_stream
+from bench.load import BackgroundLoad, is_noisy
+from bench.report import Metric, Say, Section, flagged, median, percentile
+from bench.server_process import ServerProcess, mib, read_vm_hwm
 
 GLM = "glm-api"
-TSERVE = "transformers serve"
-_MIB = 1024 * 1024
 # Warm-up streams (not timed): enough tokens to run prefill and decode steps at every batch size
-# up to the compared count, and, for transformers serve, to build its continuous-batching
-# manager, which it does on the first request.
+# up to the compared count, and for a peer to set up whatever it builds on the first request.
 _WARMUP_TOKENS = 8
-# Generous per-stream deadline: a 128-token stream takes about 15 s alone on two cores, and the
-# last of 32 streams waits for three batches of eight before it starts.
+# Generous per-stream deadline: the last of 32 streams waits for three batches of eight first.
 _STREAM_TIMEOUT_S = 600.0
 # The most SSE lines read from one stream: a few per token (data line, blank line) plus slack.
 _SSE_LINES_PER_TOKEN = 4
+# The server's log line that names the linear layers' plan.
+_PLAN_LOG = "decode linear layers:"
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """An OpenAI-compatible server to compare glm-api with, at `base_url` (OpenAI SDK style)."""
+
+    name: str
+    base_url: str
+    # The request's "model" field; empty: left out (the peer serves its one model).
+    model: str = ""
+    # Its process, where known: then its peak memory is read as glm-api's is.
+    pid: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Peer:
+        """NAME=URL, e.g. llama-server=http://127.0.0.1:8080/v1."""
+        name, sep, url = text.partition("=")
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:  # not a number
+            port = None
+        if not sep or not name or parts.scheme != "http" or not parts.hostname or port is None:
+            raise ValueError(f"expected NAME=http://HOST:PORT/v1, got {text!r}")
+        return cls(name.strip(), url.rstrip("/"))
+
+    def peak_rss_bytes(self) -> int | None:
+        """The peer's peak resident set so far, when its process is known."""
+        return None if self.pid is None else read_vm_hwm(self.pid)
+
+    def with_listening_pid(self) -> Peer:
+        """This peer with the id of the process listening on its port, where one is found."""
+        if self.pid is not None:
+            return self
+        port = urlsplit(self.base_url).port
+        try:
+            listening = psutil.net_connections(kind="tcp")
+        except psutil.Error:  # not allowed to list sockets here
+            return self
+        for conn in listening:
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+                return replace(self, pid=conn.pid)
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,13 +126,9 @@ class StreamSample:
         return first - self.sent_at
 
     @property
-    def total_s(self) -> float:
-        return self.ended_at - self.sent_at
-
-    @property
     def tokens_per_s(self) -> float:
         """Completion tokens over the whole call, waiting and prefill included."""
-        return self.completion_tokens / max(self.total_s, 1e-9)
+        return self.completion_tokens / max(self.ended_at - self.sent_at, 1e-9)
 
 
 @dataclass(slots=True)
@@ -105,14 +137,9 @@ class Workload:
 
     server: str
     streams: int
-    tokens: int
     samples: list[StreamSample]
     peak_rss_bytes: int | None = None
     background_cores: float = 0.0
-
-    @property
-    def noisy(self) -> bool:
-        return self.background_cores > BUSY_CORES_LIMIT
 
     @property
     def completed(self) -> list[StreamSample]:
@@ -142,14 +169,21 @@ class Workload:
         return 1000 * percentile([s.ttft_s for s in done], q) if done else None
 
     @property
-    def ttft_mean_ms(self) -> float | None:
-        done = self.completed
-        return 1000 * statistics.fmean(s.ttft_s for s in done) if done else None
-
-    @property
     def unfinished(self) -> list[StreamSample]:
         """Streams that ended for another reason than max_tokens (or failed)."""
         return [s for s in self.samples if s.error or s.finish_reason != "length"]
+
+    def metrics(self) -> list[Metric]:
+        """The workload's table lines."""
+        head = f"streams x{self.streams}: {self.server}"
+        lines = [
+            Metric(f"{head} aggregate", self.aggregate_tok_s, "tok/s", digits=1),
+            Metric(f"{head} per stream (median)", self.per_stream_tok_s, "tok/s", digits=2),
+            Metric(f"{head} time to first token p50", self.ttft_ms(50), "ms", digits=0),
+            Metric(f"{head} time to first token p99", self.ttft_ms(99), "ms", digits=0),
+            Metric(f"{head} peak RSS", mib(self.peak_rss_bytes), "MiB", digits=0),
+        ]
+        return flagged(lines, is_noisy(self.background_cores))
 
     def summary(self) -> str:
         """One line for the progress log."""
@@ -157,8 +191,8 @@ class Workload:
         return (
             f"  {self.server} x{self.streams}: {self.completion_tokens} tokens in "
             f"{self.wall_s:.1f} s = {self.aggregate_tok_s:.1f} tok/s aggregate, "
-            f"{_fmt(per, '.2f')} tok/s per stream (median), TTFT p50 {_fmt(p50, '.0f')} ms "
-            f"p99 {_fmt(p99, '.0f')} ms, peak RSS {_fmt(_mib(self.peak_rss_bytes), '.0f')} MiB, "
+            f"{_fmt(per, '.2f')} tok/s per stream, first token p50 {_fmt(p50, '.0f')} ms "
+            f"p99 {_fmt(p99, '.0f')} ms, peak RSS {_fmt(mib(self.peak_rss_bytes), '.0f')} MiB, "
             f"other processes {self.background_cores:.2f} cores"
         )
 
@@ -166,14 +200,12 @@ class Workload:
         return {
             "server": self.server,
             "streams": self.streams,
-            "tokens": self.tokens,
             "wall_s": self.wall_s,
             "completion_tokens": self.completion_tokens,
             "aggregate_tok_s": self.aggregate_tok_s,
             "per_stream_tok_s_median": self.per_stream_tok_s,
             "ttft_p50_ms": self.ttft_ms(50),
             "ttft_p99_ms": self.ttft_ms(99),
-            "ttft_mean_ms": self.ttft_mean_ms,
             "peak_rss_bytes": self.peak_rss_bytes,
             "background_cores": self.background_cores,
             "samples": [{k: v for k, v in asdict(s).items() if k != "text"} for s in self.samples],
@@ -182,32 +214,28 @@ class Workload:
 
 @dataclass(slots=True)
 class StreamsResults:
-    """Every workload of the benchmark and the ratios between them."""
+    """Every workload of the part, by server and stream count, and the ratios between them."""
 
     model: str
-    folder: str
     tokens: int
     compared: int
-    glm: dict[int, Workload] = field(default_factory=dict)
-    # One workload, start-up time and loaded RSS per cache sizing of transformers serve, by label.
-    tserve: dict[str, Workload] = field(default_factory=dict)
-    caches: dict[str, TserveCache] = field(default_factory=dict)
-    glm_loaded_rss_bytes: int | None = None
-    tserve_loaded_rss_bytes: dict[str, int | None] = field(default_factory=dict)
+    # Server name -> stream count -> workload; glm-api first, then the peers in their order.
+    runs: dict[str, dict[int, Workload]] = field(default_factory=dict)
     glm_ready_s: float | None = None
-    tserve_ready_s: dict[str, float | None] = field(default_factory=dict)
+    glm_linear_plan: str = ""
 
     @property
     def scaling(self) -> float | None:
-        """Aggregate tok/s at the compared count over one stream's."""
-        one, many = self.glm.get(1), self.glm.get(self.compared)
+        """glm-api's aggregate tok/s at the compared count over one stream's."""
+        ours = self.runs.get(GLM, {})
+        one, many = ours.get(1), ours.get(self.compared)
         if one is None or many is None or one.aggregate_tok_s <= 0:
             return None
         return many.aggregate_tok_s / one.aggregate_tok_s
 
-    def identical_replies(self, label: str) -> tuple[int, int]:
-        """How many greedy replies of the compared workload are the same text on both servers."""
-        ours, theirs = self.glm.get(self.compared), self.tserve.get(label)
+    def identical_replies(self, peer: str, streams: int) -> tuple[int, int]:
+        """How many greedy replies of a workload are the same text on glm-api and `peer`."""
+        ours, theirs = self.runs.get(GLM, {}).get(streams), self.runs[peer].get(streams)
         if ours is None or theirs is None:
             return 0, 0
         their_text = {s.stream: s.text for s in theirs.completed}
@@ -216,28 +244,27 @@ class StreamsResults:
 
     def metrics(self) -> list[Metric]:
         """The lines of the final table."""
-        lines: list[Metric] = []
-        for _, w in sorted(self.glm.items()):
-            lines += _flagged(_workload_metrics(w, p99=True), w.noisy)
-        ours = self.glm.get(self.compared)
-        one = self.glm.get(1)
-        lines += _flagged(
+        ours = self.runs.get(GLM, {})
+        lines = [m for _, w in sorted(ours.items()) for m in w.metrics()]
+        compared = [ours.get(1), ours.get(self.compared)]
+        lines += flagged(
             [
                 Metric(
                     f"streams: glm-api aggregate tok/s, {self.compared} streams / 1",
                     self.scaling,
                     "x",
-                    STREAMS_SCALING_TARGET,
+                    defaults.STREAMS_SCALING_TARGET,
                 )
             ],
-            any(w is not None and w.noisy for w in (one, ours)),
+            any(w is not None and is_noisy(w.background_cores) for w in compared),
         )
-        for label, theirs in self.tserve.items():
-            lines += _flagged(_workload_metrics(theirs, p99=False), theirs.noisy)
-            noisy = any(w is not None and w.noisy for w in (ours, theirs))
-            lines += _flagged(self._comparison(label, ours, theirs), noisy)
-        unfinished = sum(len(w.unfinished) for w in self.workloads)
-        streams = sum(len(w.samples) for w in self.workloads)
+        for peer, by_count in self.runs.items():
+            if peer != GLM:
+                for n, theirs in sorted(by_count.items()):
+                    lines += theirs.metrics() + self._comparison(peer, ours.get(n), theirs)
+        workloads = [w for by_count in self.runs.values() for w in by_count.values()]
+        unfinished = sum(len(w.unfinished) for w in workloads)
+        streams = sum(len(w.samples) for w in workloads)
         lines += [
             Metric(
                 "streams: streams not ended by max_tokens (or failed)",
@@ -247,36 +274,22 @@ class StreamsResults:
             ),
             Metric(
                 "streams: other processes' CPU load (max)",
-                max((w.background_cores for w in self.workloads), default=0.0),
+                max((w.background_cores for w in workloads), default=0.0),
                 "cores",
             ),
         ]
         return lines
 
-    def _comparison(self, label: str, ours: Workload | None, theirs: Workload) -> list[Metric]:
-        """glm-api against one cache sizing of transformers serve, at the compared count."""
-        head = f"streams x{self.compared}: glm-api / transformers serve ({label})"
-        same, total = self.identical_replies(label)
-        return [
+    def _comparison(self, peer: str, ours: Workload | None, theirs: Workload) -> list[Metric]:
+        """glm-api / a peer on one workload (reported; targets per peer belong here)."""
+        head = f"streams x{theirs.streams}: glm-api / {peer}"
+        same, total = self.identical_replies(peer, theirs.streams)
+        lines = [
+            Metric(f"{head} aggregate tok/s", _ratio(ours, theirs, lambda w: w.aggregate_tok_s)),
             Metric(
-                f"{head} aggregate tok/s",
-                _ratio(ours, theirs, lambda w: w.aggregate_tok_s),
-                "",
-                STREAMS_VS_TSERVE_TOK_S_TARGET,
+                f"{head} time to first token p50", _ratio(ours, theirs, lambda w: w.ttft_ms(50))
             ),
-            Metric(
-                f"{head} TTFT p50",
-                _ratio(ours, theirs, lambda w: w.ttft_ms(50)),
-                "",
-                STREAMS_VS_TSERVE_TTFT_TARGET,
-            ),
-            Metric(f"{head} TTFT mean", _ratio(ours, theirs, lambda w: w.ttft_mean_ms)),
-            Metric(
-                f"{head} peak RSS",
-                _ratio(ours, theirs, lambda w: w.peak_rss_bytes),
-                "",
-                self.caches[label].rss_target,
-            ),
+            Metric(f"{head} peak RSS", _ratio(ours, theirs, lambda w: w.peak_rss_bytes)),
             Metric(
                 f"{head}: greedy replies identical",
                 float(same) if total else None,
@@ -284,52 +297,38 @@ class StreamsResults:
                 digits=0,
             ),
         ]
-
-    @property
-    def workloads(self) -> list[Workload]:
-        return [*self.glm.values(), *self.tserve.values()]
+        noisy = any(w is not None and is_noisy(w.background_cores) for w in (ours, theirs))
+        return flagged(lines, noisy)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
-            "folder": self.folder,
             "tokens": self.tokens,
             "compared": self.compared,
             "scaling": self.scaling,
-            "identical_replies": {label: self.identical_replies(label) for label in self.tserve},
-            "glm_loaded_rss_bytes": self.glm_loaded_rss_bytes,
-            "tserve_loaded_rss_bytes": self.tserve_loaded_rss_bytes,
             "glm_ready_s": self.glm_ready_s,
-            "tserve_ready_s": self.tserve_ready_s,
-            "glm": [w.as_dict() for _, w in sorted(self.glm.items())],
-            "tserve": {label: w.as_dict() for label, w in self.tserve.items()},
+            "glm_linear_plan": self.glm_linear_plan,
+            "runs": {
+                server: [w.as_dict() for _, w in sorted(by_count.items())]
+                for server, by_count in self.runs.items()
+            },
+            "identical_replies": {
+                peer: {n: self.identical_replies(peer, n) for n in by_count}
+                for peer, by_count in self.runs.items()
+                if peer != GLM
+            },
         }
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0-100), linear between the closest ranks (numpy's default)."""
-    ordered = sorted(values)
-    if not ordered:
-        raise ValueError("percentile of no values")
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _mib(value: int | None) -> float | None:
-    return None if value is None else value / _MIB
-
-
 def _ratio(
-    ours: Workload | None, theirs: Workload | None, value: Callable[[Workload], float | None]
+    ours: Workload | None, theirs: Workload, value: Callable[[Workload], float | None]
 ) -> float | None:
     """value(ours) / value(theirs), or None when either side was not measured."""
-    if ours is None or theirs is None:
+    if ours is None:
         return None
     a, b = value(ours), value(theirs)
     if a is None or b is None or b <= 0:
@@ -337,48 +336,25 @@ def _ratio(
     return a / b
 
 
-def _flagged(metrics: list[Metric], noisy: bool) -> list[Metric]:
-    return [replace(m, noisy=True) for m in metrics] if noisy else metrics
-
-
-def _workload_metrics(w: Workload, *, p99: bool) -> list[Metric]:
-    """A workload's lines: p99 TTFT for glm-api's counts, the mean for the comparison."""
-    head = f"streams x{w.streams}: {w.server}"
-    lines = [
-        Metric(f"{head} aggregate tok/s", w.aggregate_tok_s, "tok/s", digits=1),
-        Metric(f"{head} per-stream tok/s (median)", w.per_stream_tok_s, "tok/s", digits=2),
-        Metric(f"{head} TTFT p50", w.ttft_ms(50), "ms", digits=0),
-    ]
-    if p99:
-        lines.append(Metric(f"{head} TTFT p99", w.ttft_ms(99), "ms", digits=0))
-    else:
-        lines.append(Metric(f"{head} TTFT mean", w.ttft_mean_ms, "ms", digits=0))
-    lines.append(Metric(f"{head} peak RSS", _mib(w.peak_rss_bytes), "MiB", digits=0))
-    return lines
-
-
 # ---- clients -------------------------------------------------------------------------------
 
+StreamCall = Callable[[int, str, int], StreamSample]
 
-def glm_stream(
-    stub: pb_grpc.GlmServiceStub, index: int, prompt: str, max_tokens: int
-) -> StreamSample:
-    """One greedy Chat stream over gRPC, timed from the client's side."""
-    read = read_greedy_stream(stub, prompt, max_tokens, _STREAM_TIMEOUT_S)
-    if read.error is not None:
-        error = _rpc_error(read.error)
+
+def glm_call(channel: grpc.Channel) -> StreamCall:
+    """Greedy Chat streams over gRPC on `channel`, timed from the client's side."""
+    stub = glm_stub(channel)
+
+    def call(index: int, prompt: str, max_tokens: int) -> StreamSample:
+        read = read_greedy_stream(stub, prompt, max_tokens, _STREAM_TIMEOUT_S)
         times = (read.sent, read.first_token, read.ended)
-        return StreamSample(index, *times, 0, 0, "", read.text, error)
-    return StreamSample(
-        index,
-        read.sent,
-        read.first_token,
-        read.ended,
-        read.completion_tokens,
-        read.prompt_tokens,
-        read.finish_reason,
-        read.text,
-    )
+        if read.error is not None:
+            return StreamSample(index, *times, 0, 0, "", read.text, _rpc_error(read.error))
+        return StreamSample(
+            index, *times, read.completion_tokens, read.prompt_tokens, read.finish_reason, read.text
+        )
+
+    return call
 
 
 def _rpc_error(exc: grpc.RpcError) -> str:
@@ -389,80 +365,93 @@ def _rpc_error(exc: grpc.RpcError) -> str:
     return str(exc)
 
 
-def openai_stream(host: str, port: int, index: int, prompt: str, max_tokens: int) -> StreamSample:
-    """One greedy streaming /v1/chat/completions call, with its Server-Sent Events parsed here.
+def openai_call(peer: Peer) -> StreamCall:
+    """Greedy streaming /chat/completions calls to `peer`, Server-Sent Events parsed here.
 
-    One HTTP/1.1 connection per stream (HTTP/1.1 cannot interleave two responses on one), so a
-    stream costs the server what it costs an OpenAI client.
+    One HTTP/1.1 connection per stream (HTTP/1.1 cannot interleave two responses on one), as an
+    OpenAI client opens them.
     """
-    body = json.dumps(
-        {
+    url = urlsplit(peer.base_url)
+    route = f"{url.path}/chat/completions"
+
+    def call(index: int, prompt: str, max_tokens: int) -> StreamSample:
+        request: dict[str, Any] = {
             "messages": [{"role": "user", "content": prompt}],
             "temperature": 0,
             "max_tokens": max_tokens,
             "stream": True,
+            "stream_options": {"include_usage": True},
         }
-    )
-    pieces: list[str] = []
-    first: float | None = None
-    finish = ""
-    usage: dict[str, Any] = {}
-    error = ""
-    conn = http.client.HTTPConnection(host, port, timeout=_STREAM_TIMEOUT_S)
-    sent = time.perf_counter()
-    deadline = sent + _STREAM_TIMEOUT_S
-    try:
-        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        if response.status != 200:
-            error = f"HTTP {response.status}: {response.read(2000).decode(errors='replace')}"
-        for _ in range(_SSE_LINES_PER_TOKEN * max_tokens + 64):
-            if error or time.perf_counter() > deadline:
-                break
-            line = response.readline()
-            if not line:
-                break
-            if not line.startswith(b"data:"):
-                continue  # the blank line that ends each event
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                break
-            event = json.loads(payload)
-            if "error" in event:
-                error = f"in-band error: {event['error']}"
-                break
-            if event.get("usage"):
-                usage = event["usage"]
-            for choice in event.get("choices") or ():
-                content = (choice.get("delta") or {}).get("content")
-                if content:
-                    if first is None:
-                        first = time.perf_counter()
-                    pieces.append(content)
-                if choice.get("finish_reason"):
-                    finish = choice["finish_reason"]
-        else:
-            error = "too many SSE lines"
-        if not error and not finish:
-            error = "the stream ended without a finish_reason"
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        error = f"{type(exc).__name__}: {exc}"
-    finally:
-        conn.close()
-    return StreamSample(
-        index,
-        sent,
-        first,
-        time.perf_counter(),
-        int(usage.get("completion_tokens", 0)),
-        int(usage.get("prompt_tokens", 0)),
-        finish,
-        "".join(pieces),
-        error,
-    )
+        if peer.model:
+            request["model"] = peer.model
+        conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=_STREAM_TIMEOUT_S)
+        sent = time.perf_counter()
+        try:
+            conn.request("POST", route, json.dumps(request), {"Content-Type": "application/json"})
+            read = _read_sse(conn.getresponse(), max_tokens, sent + _STREAM_TIMEOUT_S)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            read = _SseRead(error=f"{type(exc).__name__}: {exc}")
+        finally:
+            conn.close()
+        usage = read.usage
+        return StreamSample(
+            index,
+            sent,
+            read.first_at,
+            time.perf_counter(),
+            int(usage.get("completion_tokens", 0)),
+            int(usage.get("prompt_tokens", 0)),
+            read.finish_reason,
+            "".join(read.pieces),
+            read.error,
+        )
+
+    return call
 
 
-StreamCall = Callable[[int, str, int], StreamSample]
+@dataclass(slots=True)
+class _SseRead:
+    """What one streamed chat completion carried."""
+
+    pieces: list[str] = field(default_factory=list)
+    first_at: float | None = None
+    finish_reason: str = ""
+    usage: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+def _read_sse(response: http.client.HTTPResponse, max_tokens: int, deadline: float) -> _SseRead:
+    """Read `response`'s events until [DONE], an error, the deadline or too many lines."""
+    read = _SseRead()
+    if response.status != 200:
+        read.error = f"HTTP {response.status}: {response.read(2000).decode(errors='replace')}"
+        return read
+    for _ in range(_SSE_LINES_PER_TOKEN * max_tokens + 64):
+        line = response.readline()
+        if not line or time.perf_counter() > deadline:
+            break
+        if not line.startswith(b"data:"):
+            continue  # the blank line that ends each event
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            break
+        event = json.loads(payload)
+        if "error" in event:
+            read.error = f"in-band error: {event['error']}"
+            return read
+        if event.get("usage"):
+            read.usage = event["usage"]
+        for choice in event.get("choices") or ():
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                if read.first_at is None:
+                    read.first_at = time.perf_counter()
+                read.pieces.append(content)
+            if choice.get("finish_reason"):
+                read.finish_reason = choice["finish_reason"]
+    if not read.finish_reason:
+        read.error = "the stream ended without a finish_reason"
+    return read
 
 
 def run_concurrent(
@@ -485,20 +474,30 @@ def run_concurrent(
         return [f.result(timeout=_STREAM_TIMEOUT_S + 60.0) for f in futures]
 
 
-def measure(
+def measure_counts(
     server: str,
     call: StreamCall,
-    streams: int,
-    prompts: Sequence[str],
+    counts: Sequence[int],
+    *,
     tokens: int,
     load: BackgroundLoad,
     peak_rss: Callable[[], int | None],
-) -> Workload:
-    """One timed workload, with the CPU other processes used meanwhile and the peak RSS after."""
-    before = load.snapshot()
-    samples = run_concurrent(call, streams, prompts, tokens)
-    busy = load.cores_between(before, load.snapshot())
-    return Workload(server, streams, tokens, samples, peak_rss(), busy)
+    say: Say,
+) -> dict[int, Workload]:
+    """A warm-up, then one timed workload per count, in increasing order."""
+    prompts = defaults.STREAM_PROMPTS
+    run_concurrent(call, min(max(counts), len(prompts)), prompts, _WARMUP_TOKENS)
+    workloads: dict[int, Workload] = {}
+    for n in sorted(counts):
+        before = load.snapshot()
+        samples = run_concurrent(call, n, prompts, tokens)
+        busy = load.cores_between(before, load.snapshot())
+        workloads[n] = w = Workload(server, n, samples, peak_rss(), busy)
+        say(w.summary())
+        for s in w.unfinished[:4]:
+            why = s.error or f"finish_reason {s.finish_reason!r} after {s.completion_tokens} tokens"
+            say(f"    warning: {server} stream {s.stream}: {why}")
+    return workloads
 
 
 # ---- the servers ---------------------------------------------------------------------------
@@ -519,9 +518,8 @@ def _toml_value(value: object) -> str:
 def chat_only_config(source: Path, model_id: str, min_waiting: int, dest: Path) -> Path:
     """A copy of one chat model's table from `source`, alone, as the server's config file.
 
-    glm-api then holds only the model it is compared on (no embedding model), as transformers
-    serve does, and its waiting queue is at least `min_waiting` long, so that none of the
-    streams is refused with RESOURCE_EXHAUSTED.
+    glm-api then holds only the model it is measured on (no embedding model), as a peer does,
+    and its waiting queue is at least `min_waiting` long, so that no stream is refused.
     """
     with source.open("rb") as fh:
         tables = tomllib.load(fh).get("models", [])
@@ -535,129 +533,79 @@ def chat_only_config(source: Path, model_id: str, min_waiting: int, dest: Path) 
     return dest
 
 
-# The server's log line that names the linear layers' plan.
-_PLAN_LOG = "decode linear layers:"
-
-
 def run_streams(
     *,
     model_id: str,
-    folder: Path,
     config: Path,
     counts: Sequence[int],
     compared: int,
-    prompts: Sequence[str],
     tokens: int,
-    caches: Sequence[TserveCache] = TSERVE_CACHES,
-    say: Callable[[str], None] = print,
+    peers: Sequence[Peer],
+    say: Say,
 ) -> StreamsResults:
-    """glm-api at every count, then transformers serve at the compared count with each of
-    `caches`; one server at a time."""
-    results = StreamsResults(model=model_id, folder=str(folder), tokens=tokens, compared=compared)
-    glm_counts = sorted({*counts, compared})
-    warmup = min(compared, len(prompts))
+    """glm-api at every count, then each peer at every count; one server at a time."""
+    results = StreamsResults(model=model_id, tokens=tokens, compared=compared)
     with tempfile.TemporaryDirectory(prefix="glm-bench-streams-") as tmp:
-        cfg = chat_only_config(config, model_id, max(glm_counts), Path(tmp) / "chat-only.toml")
-        server = ServerProcess(env={"GLM_CONFIG": str(cfg)})
-        try:
-            server.start()
-            say(
-                f"  glm-api: python -m server on {server.target} (pid {server.pid}), {model_id} "
-                "alone"
-            )
+        cfg = chat_only_config(config, model_id, max(counts), Path(tmp) / "chat-only.toml")
+        with ServerProcess(env={"GLM_CONFIG": str(cfg)}) as server:
+            say(f"  glm-api: python -m server on {server.target} (pid {server.pid}), {model_id}")
             results.glm_ready_s = server.wait_ready()
-            results.glm_loaded_rss_bytes = server.peak_rss_bytes()
             # Measured at each start (server/engine/invariant_linear.py), so it can differ
             # between runs, and with it the decode step's time: printed to tell runs apart.
             for line in server.log_text().splitlines():
                 if _PLAN_LOG in line:
-                    say(f"  glm-api linear plan: {line.split(_PLAN_LOG, 1)[1].strip()}")
+                    results.glm_linear_plan = line.split(_PLAN_LOG, 1)[1].strip()
+                    say(f"  glm-api linear plan: {results.glm_linear_plan}")
             with grpc.insecure_channel(server.target) as channel:
-                stub = pb_grpc.GlmServiceStub(channel)
-
-                def glm_call(i: int, prompt: str, n: int) -> StreamSample:
-                    return glm_stream(stub, i, prompt, n)
-
-                run_concurrent(glm_call, warmup, prompts, _WARMUP_TOKENS)
-                load = BackgroundLoad(server.pid)
-                for n in glm_counts:
-                    w = measure(GLM, glm_call, n, prompts, tokens, load, server.peak_rss_bytes)
-                    results.glm[n] = w
-                    say(w.summary())
-                    _report_unfinished(w, say)
-        finally:
-            server.stop()
-    for cache in caches:
-        run_tserve(
-            results, cache, folder=folder, prompts=prompts, tokens=tokens, warmup=warmup, say=say
+                results.runs[GLM] = measure_counts(
+                    GLM,
+                    glm_call(channel),
+                    counts,
+                    tokens=tokens,
+                    load=BackgroundLoad(server.pid),
+                    peak_rss=server.peak_rss_bytes,
+                    say=say,
+                )
+    for given in peers:
+        peer = given.with_listening_pid()
+        say(f"  {peer.name}: {peer.base_url} (pid {peer.pid or 'unknown'})")
+        pids = () if peer.pid is None else (peer.pid,)
+        results.runs[peer.name] = measure_counts(
+            peer.name,
+            openai_call(peer),
+            counts,
+            tokens=tokens,
+            load=BackgroundLoad(*pids),
+            peak_rss=peer.peak_rss_bytes,
+            say=say,
         )
+        for n in sorted(counts):
+            same, total = results.identical_replies(peer.name, n)
+            say(f"  x{n}: greedy replies identical on glm-api and {peer.name}: {same} of {total}")
     return results
 
 
-def run_tserve(
-    results: StreamsResults,
-    cache: TserveCache,
-    *,
-    folder: Path,
-    prompts: Sequence[str],
-    tokens: int,
-    warmup: int,
-    say: Callable[[str], None],
-) -> None:
-    """The compared workload against one transformers serve child, with `cache`, recorded in
-    `results` under its label; the child is always stopped."""
-    label = cache.label
-    results.caches[label] = cache
-    baseline = TransformersServe(folder, cache=cache)
-    try:
-        baseline.start()
-        say(
-            f"  transformers serve --continuous-batching on 127.0.0.1:{baseline.port} "
-            f"(pid {baseline.pid}), {folder}, float32, cpu, {cache.describe()}"
-        )
-        results.tserve_ready_s[label] = baseline.wait_ready()
-        results.tserve_loaded_rss_bytes[label] = baseline.peak_rss_bytes()
+def run(args: argparse.Namespace, say: Say) -> Section:
+    """The streams part: glm-api's default chat model alone, then the peers."""
+    from bench.models import default_spec, server_settings
+    from server.domain import ModelKind
 
-        def tserve_call(i: int, prompt: str, n: int) -> StreamSample:
-            return openai_stream(baseline.host, baseline.port, i, prompt, n)
-
-        run_concurrent(tserve_call, warmup, prompts, _WARMUP_TOKENS)
-        load = BackgroundLoad(baseline.pid)
-        server = f"{TSERVE} ({label})"
-        w = measure(
-            server, tserve_call, results.compared, prompts, tokens, load, baseline.peak_rss_bytes
-        )
-        say(w.summary())
-        _report_unfinished(w, say)
-    finally:
-        baseline.stop()
-    _check_prompt_lengths(results.glm[results.compared], w, say)
-    results.tserve[label] = w
-    same, total = results.identical_replies(label)
+    settings = server_settings()
+    spec = default_spec(ModelKind.CHAT, settings)
+    counts = sorted({*args.streams, 1, defaults.STREAM_COMPARED})
+    peers: list[Peer] = args.peer
     say(
-        f"  greedy replies identical on both servers: {same} of {total}; start to ready: glm-api "
-        f"{_fmt(results.glm_ready_s, '.1f')} s, {server} "
-        f"{_fmt(results.tserve_ready_s[label], '.1f')} s; peak RSS once loaded: glm-api "
-        f"{_fmt(_mib(results.glm_loaded_rss_bytes), '.0f')} MiB, {server} "
-        f"{_fmt(_mib(results.tserve_loaded_rss_bytes[label]), '.0f')} MiB"
+        f"streams: {', '.join(map(str, counts))} concurrent greedy Chat streams of "
+        f"{args.stream_tokens} tokens against glm-api ({spec.id})"
+        + "".join(f", then {p.name}" for p in peers)
     )
-
-
-def _report_unfinished(w: Workload, say: Callable[[str], None]) -> None:
-    """Name the streams that did not run to max_tokens: their tok/s compare unlike work."""
-    for s in w.unfinished[:8]:
-        why = s.error or f"finish_reason {s.finish_reason!r} after {s.completion_tokens} tokens"
-        say(f"    warning: {w.server} stream {s.stream}: {why}")
-    if len(w.unfinished) > 8:
-        say(f"    ... and {len(w.unfinished) - 8} more")
-
-
-def _check_prompt_lengths(ours: Workload, theirs: Workload, say: Callable[[str], None]) -> None:
-    """Both servers must template the same prompt into the same number of tokens."""
-    mine = {s.stream: s.prompt_tokens for s in ours.completed}
-    for s in theirs.completed:
-        if s.stream in mine and mine[s.stream] != s.prompt_tokens:
-            say(
-                f"    warning: prompt {s.stream} is {mine[s.stream]} tokens on glm-api "
-                f"and {s.prompt_tokens} on transformers serve: the servers template it differently"
-            )
+    results = run_streams(
+        model_id=spec.id,
+        config=settings.config,
+        counts=counts,
+        compared=defaults.STREAM_COMPARED,
+        tokens=args.stream_tokens,
+        peers=peers,
+        say=say,
+    )
+    return Section(results.as_dict(), results.metrics())
