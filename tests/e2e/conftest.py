@@ -127,7 +127,7 @@ def post(url: str, payload: bytes) -> tuple[int, str, bytes]:
     """POST a body; returns status, content type and body (0 when nothing answers)."""
     request = urllib.request.Request(url, data=payload, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=120) as response:
             return int(response.status), response.headers.get("content-type", ""), response.read()
     except urllib.error.HTTPError as exc:
         return int(exc.code), exc.headers.get("content-type", ""), exc.read()
