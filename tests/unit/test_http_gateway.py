@@ -8,7 +8,7 @@ and the gateway calling it through HttpBody messages.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -34,7 +34,9 @@ def chunk(text: str, finish: str = "") -> pb.ChatResponse:
 class ScriptedService:
     """Plays the part of GlmService.chat according to the last user message."""
 
-    async def chat(self, request: pb.ChatRequest) -> AsyncGenerator[pb.ChatResponse, None]:
+    async def chat(
+        self, request: pb.ChatRequest, on_accepted: Callable[[], None] | None = None
+    ) -> AsyncGenerator[pb.ChatResponse, None]:
         script = request.messages[-1].content
         if script == "busy":
             raise ResourceExhaustedError("full")
