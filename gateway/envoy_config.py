@@ -113,10 +113,12 @@ def json_routes() -> tuple[str, ...]:
     service = http_gateway_pb2.DESCRIPTOR.services_by_name["HttpGatewayService"]
     paths = []
     for method in service.methods:
-        rule = method.GetOptions().Extensions[annotations_pb2.http]
-        pattern = rule.WhichOneof("pattern")
-        if pattern is not None and pattern != "custom":
-            paths.append(str(getattr(rule, pattern)))
+        for field, rule in method.GetOptions().ListFields():
+            if field.full_name != annotations_pb2.http.full_name:
+                continue
+            pattern = rule.WhichOneof("pattern")
+            if pattern is not None and pattern != "custom":
+                paths.append(str(getattr(rule, pattern)))
     return tuple(paths)
 
 

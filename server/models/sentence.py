@@ -152,6 +152,8 @@ class SentenceTransformerModel(EmbeddingModel):
                 return_offsets_mapping=True,
                 return_attention_mask=False,
                 return_token_type_ids=False,
+                # Long texts are expected here: no warning that the model cannot take them.
+                verbose=False,
             )
         counts: list[int] = []
         clipped: list[str] = []

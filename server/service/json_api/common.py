@@ -289,5 +289,6 @@ def parse_into(payload: dict[str, Any], message: M) -> M:
     try:
         json_format.ParseDict(payload, message)
     except json_format.ParseError as exc:
-        raise InvalidArgumentError(f"invalid request: {exc}") from exc
+        # Its messages quote what they refuse (a field name, a value): cut short.
+        raise InvalidArgumentError(f"invalid request: {clipped(str(exc), 300)}") from exc
     return message
