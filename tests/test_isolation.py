@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from google.api.httpbody_pb2 import HttpBody
 
@@ -18,6 +19,7 @@ from glm.v1 import glm_service_pb2_grpc as pb_grpc
 from glm.v1 import http_gateway_pb2_grpc as gw_grpc
 from server.app import GlmApp
 from server.config import DEFAULT_MAX_INPUT_CHARS, MAX_MODEL_ID_CHARS
+from server.engine.threads import run_in_fresh_thread
 from server.errors import MESSAGE_MAX_CHARS
 from server.models.causal_lm import TransformersChatModel
 from server.service.convert import MAX_ROLE_CHARS
@@ -203,6 +205,38 @@ async def test_decode_steps_go_on_while_a_tokenization_runs(
     assert (await tokenize).token_ids
     async for _ in chunks:
         pass
+
+
+async def test_long_embedding_prompts_reach_their_pass_cut_short(
+    glm_app: GlmApp, stub: pb_grpc.GlmServiceStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Passes run on the chat scheduler's thread: a whole long text tokenized there held every
+    # chat sequence up; it is cut (on a worker thread) to little more than the model reads.
+    _, _, model = glm_app.registry.embedder(EMBED_MODEL)
+    texts = [
+        "The quick brown fox jumps over the lazy dog. " * 4000,
+        "naïve café, 你好世界 " * 3000,
+        "short",
+    ]
+    counts, clipped = model.clip(texts)
+    assert counts == model.count_tokens(texts)
+    assert max(len(t) for t in clipped[:2]) < 5000
+    assert clipped[2] == "short"
+    whole, cut = await run_in_fresh_thread(lambda: (model.encode(texts), model.encode(clipped)))
+    np.testing.assert_array_equal(whole, cut)  # the model reads the same tokens
+
+    seen: list[int] = []
+    encode = model.encode
+
+    def recording(batch: Any) -> Any:
+        seen.extend(len(t) for t in batch)
+        return encode(batch)
+
+    monkeypatch.setattr(model, "encode", recording)
+    response = await stub.Embed(pb.EmbedRequest(prompt=texts[:1]))
+    assert response.usage.prompt_tokens == 256
+    assert seen
+    assert max(seen) < 5000
 
 
 async def test_list_models_publishes_max_input_chars(channel: grpc.aio.Channel) -> None:

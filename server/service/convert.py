@@ -31,9 +31,9 @@ _ROLES = {r.value: r for r in Role}
 # The roles after which the assistant speaks next.
 _LAST_ROLES = (Role.USER, Role.OBSERVATION)
 MAX_STOP_STRINGS = 16
-# Identifier lengths are checked before a value is used or quoted in an error message.
-MAX_ROLE_CHARS = 32
 MAX_STOP_LENGTH = 256
+# A role's length is checked before it is looked up or quoted in an error message.
+MAX_ROLE_CHARS = 32
 DEFAULT_TOKENIZE_MAX_TOKENS = 4096
 MAX_TOOLS = 64
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
