@@ -8,13 +8,21 @@ import json
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import grpc
 import pytest
 
 from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
-from tests.e2e.conftest import Gateway, post
+from tests.e2e.conftest import (
+    E2E_CONFIG,
+    Gateway,
+    post,
+    start_gateway,
+    stop_gateway,
+    wait_healthy,
+)
 from tests.e2e.test_http_behaviour import error_of
 
 STORY = "Tell me a very long story about a dragon."
@@ -231,3 +239,41 @@ def test_hostile_json_is_a_400_with_the_json_error(
     error = error_of(status, content_type, payload)
     assert error["code"] == "invalid_argument"
     assert text in str(error["message"])
+
+
+def test_a_queued_sse_stream_gets_heartbeats_through_envoy(tmp_path: Path) -> None:
+    # A gateway of its own: one generation slot and a waiting line, heartbeats every 50 ms.
+    config = E2E_CONFIG.replace(
+        "max_concurrent = 2\nmax_waiting = 0", "max_concurrent = 1\nmax_waiting = 2"
+    )
+    assert config != E2E_CONFIG
+    gateway = start_gateway(tmp_path, config_text=config, env_extra={"GLM_SSE_HEARTBEAT_S": "0.05"})
+    try:
+        wait_healthy(gateway)
+        with grpc.insecure_channel(gateway.grpc_via_envoy) as channel:
+            story = pb.ChatRequest(
+                messages=[pb.ChatMessage(role="user", content=STORY)], temperature=0, max_tokens=600
+            )
+            first = pb_grpc.GlmServiceStub(channel).Chat(story)
+            next(first)  # it holds the only slot
+            conn = http.client.HTTPConnection("127.0.0.1", gateway.http_port, timeout=600)
+            body = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 3}
+            conn.request("POST", "/chat", body=json.dumps(body))
+            response = conn.getresponse()
+            assert response.status == 200
+            assert response.getheader("content-type") == "text/event-stream"
+            # Queued behind the story: only comments arrive, and Envoy passes them on at once.
+            received = b""
+            while received.count(b": keep-alive\n\n") < 3:
+                chunk = response.read1(65536)
+                assert chunk, received  # the stream must not end before
+                received += chunk
+            assert received == b": keep-alive\n\n" * received.count(b": keep-alive\n\n")
+            first.cancel()  # the slot frees and the queued request runs
+            rest = response.read()
+            conn.close()
+        events = [e for e in (received + rest).split(b"\n\n") if e and e != b": keep-alive"]
+        assert events[-1] == b"data: [DONE]"
+        assert all(e.startswith(b"data: {") for e in events[:-1])
+    finally:
+        stop_gateway(gateway)
