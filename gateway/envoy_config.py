@@ -7,6 +7,10 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from google.api import annotations_pb2
+
+from glm.v1 import http_gateway_pb2
+from server.service.json_api.common import GRPC_ON_JSON_ROUTE
 from server.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -14,29 +18,27 @@ TEMPLATE = ROOT / "envoy" / "envoy.yaml.tmpl"
 DESCRIPTOR = ROOT / "gen" / "glm_v1.binpb"
 COMPOSE_CONFIG = ROOT / "envoy" / "envoy.compose.yaml"
 
-# Envoy's own error replies, as (status, OpenAI error type): the same JSON shape the server uses.
+# Envoy's own error replies, as (status, OpenAI error type, code): the same JSON shape the server
+# uses. 426 answers HTTP/1.0, 431 header floods and huge URLs, 501 unknown transfer encodings.
 _LOCAL_REPLY_TYPES = (
-    (400, "invalid_request_error"),
-    (404, "not_found_error"),
-    (405, "invalid_request_error"),
-    (413, "invalid_request_error"),
-    (429, "overloaded_error"),
-    (500, "server_error"),
-    (502, "service_unavailable_error"),
-    (503, "service_unavailable_error"),
-    (504, "service_unavailable_error"),
+    (400, "invalid_request_error", "invalid_argument"),
+    (404, "not_found_error", "not_found"),
+    (405, "invalid_request_error", "invalid_argument"),
+    (413, "invalid_request_error", "resource_exhausted"),
+    (426, "invalid_request_error", "failed_precondition"),
+    (429, "overloaded_error", "resource_exhausted"),
+    (431, "invalid_request_error", "resource_exhausted"),
+    (500, "server_error", "internal"),
+    (501, "invalid_request_error", "unimplemented"),
+    (502, "service_unavailable_error", "unavailable"),
+    (503, "service_unavailable_error", "unavailable"),
+    (504, "service_unavailable_error", "unavailable"),
 )
-_CODES = {
-    400: "invalid_argument",
-    404: "not_found",
-    405: "invalid_argument",
-    413: "resource_exhausted",
-    429: "resource_exhausted",
-    500: "internal",
-    502: "unavailable",
-    503: "unavailable",
-    504: "unavailable",
-}
+# Any other error status Envoy answers itself, by class: (lowest, type, code).
+_LOCAL_REPLY_CLASSES = (
+    (500, "server_error", "unknown"),
+    (400, "invalid_request_error", "invalid_argument"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,27 +83,48 @@ def compose_target(settings: Settings) -> EnvoyTarget:
     )
 
 
+def _error_format(error_type: str, code: str) -> str:
+    body = {
+        "error": {"message": "%LOCAL_REPLY_BODY%", "type": error_type, "param": None, "code": code}
+    }
+    return json.dumps(body)
+
+
 def _local_reply_mappers(indent: str) -> str:
+    """Mappers for the listed statuses, then one per class for the rest (the first match wins)."""
     lines = []
-    for status, error_type in _LOCAL_REPLY_TYPES:
-        body = {
-            "error": {
-                "message": "%LOCAL_REPLY_BODY%",
-                "type": error_type,
-                "param": None,
-                "code": _CODES[status],
-            }
-        }
+    filters = [("EQ", status, t, c) for status, t, c in _LOCAL_REPLY_TYPES]
+    filters += [("GE", lowest, t, c) for lowest, t, c in _LOCAL_REPLY_CLASSES]
+    for op, status, error_type, code in filters:
         lines += [
             f"{indent}- filter:",
             f"{indent}    status_code_filter:",
             f"{indent}      comparison:",
-            f"{indent}        op: EQ",
+            f"{indent}        op: {op}",
             f"{indent}        value: {{default_value: {status}, runtime_key: glm_api.local_reply}}",
             f"{indent}  body_format_override:",
-            f"{indent}    json_format: {json.dumps(body)}",
+            f"{indent}    json_format: {_error_format(error_type, code)}",
         ]
     return "\n".join(lines)
+
+
+def json_routes() -> tuple[str, ...]:
+    """The paths of the JSON routes: glm.v1.HttpGatewayService's HTTP rules."""
+    service = http_gateway_pb2.DESCRIPTOR.services_by_name["HttpGatewayService"]
+    paths = []
+    for method in service.methods:
+        for field, rule in method.GetOptions().ListFields():
+            if field.full_name != annotations_pb2.http.full_name:
+                continue
+            pattern = rule.WhichOneof("pattern")
+            if pattern is not None and pattern != "custom":
+                paths.append(str(getattr(rule, pattern)))
+    return tuple(paths)
+
+
+def _lua_set(paths: tuple[str, ...]) -> str:
+    """A Lua table literal with `paths` as keys (a set)."""
+    return "{" + ", ".join(f"[{json.dumps(p)}] = true" for p in paths) + "}"
 
 
 def render(target: EnvoyTarget) -> str:
@@ -116,4 +139,6 @@ def render(target: EnvoyTarget) -> str:
         cors_origins=json.dumps(origins),
         max_body_bytes=target.max_body_bytes,
         local_reply_mappers=_local_reply_mappers(" " * 20),
+        json_routes=_lua_set(json_routes()),
+        grpc_on_json_route=json.dumps(GRPC_ON_JSON_ROUTE),
     )

@@ -20,6 +20,7 @@ from server.config import ModelSpec, load_model_specs
 from server.domain import ModelKind
 from server.engine.registry import Loader, ModelRegistry
 from server.errors import GlmError
+from server.memory import MemoryReleaser
 from server.metrics import ChatStats, Metrics, MetricsServer
 from server.models.loader import load_model
 from server.service.glm_service import GlmService
@@ -52,6 +53,8 @@ class GlmApp:
         )
         self.metrics.watch_queues(self._chat_stats, self._embed_waiting)
         self.health = Health()
+        # Gives memory back after large requests (server/memory.py).
+        self.memory = MemoryReleaser()
         self._server: grpc.aio.Server | None = None
         self._metrics_server: MetricsServer | None = None
         self.port = 0
@@ -84,8 +87,9 @@ class GlmApp:
             service,
             self.health,
             max_message_bytes=self.settings.max_message_bytes,
-            gateway=HttpGatewayService(service),
+            gateway=HttpGatewayService(service, heartbeat_s=self.settings.sse_heartbeat_s),
             metrics=self.metrics,
+            memory=self.memory,
         )
         self.port = self._server.add_insecure_port(self.settings.grpc_address)
         if self.port == 0:

@@ -22,6 +22,12 @@ EMBED_MAX_BATCH_TOKENS = 8192
 # Chat: the tokens one scheduler step feeds when the model's max_batch_tokens is unset (one per
 # running sequence, the rest for prompt chunks; see server/engine/scheduler.py).
 CHAT_MAX_BATCH_TOKENS = 256
+# The longest model id; a request naming a longer one is refused before the id is looked up.
+MAX_MODEL_ID_CHARS = 256
+# The characters of text one request may carry when the model's max_input_chars is unset (see
+# ModelSpec.max_input_chars): far more than any prompt of the default models' token limits
+# holds, and small enough that tokenizing it takes a fraction of a second of one core.
+DEFAULT_MAX_INPUT_CHARS = 262144
 
 
 class ConfigError(ValueError):
@@ -59,6 +65,10 @@ class ModelSpec:
     context_length: int | None = None
     max_new_tokens: int = 1024
     max_batch_prompts: int = 256
+    # The most characters of text one request may carry (chat: every message and tool
+    # together; embedding: all prompts of a call; Tokenize: its prompt), checked before any
+    # tokenizing: a request's tokenization runs beside every other request's work.
+    max_input_chars: int = DEFAULT_MAX_INPUT_CHARS
     # Chat scheduling: sequences generated at once, and requests allowed to wait for a slot.
     max_concurrent: int = 4
     max_waiting: int = 64
@@ -96,6 +106,8 @@ def _spec_from_table(table: dict[str, Any], index: int) -> ModelSpec:
         raise ConfigError(f"{where}: unknown keys {unknown}; known keys: {sorted(known)}")
     if not isinstance(table.get("id"), str) or not table["id"]:
         raise ConfigError(f"{where}: 'id' must be a non-empty string")
+    if len(table["id"]) > MAX_MODEL_ID_CHARS:
+        raise ConfigError(f"{where}: 'id' must be at most {MAX_MODEL_ID_CHARS} characters")
     kind = _KINDS.get(str(table.get("kind", "")))
     if kind is None:
         raise ConfigError(f"{where}: 'kind' must be one of {sorted(_KINDS)}")
@@ -114,7 +126,13 @@ def _spec_from_table(table: dict[str, Any], index: int) -> ModelSpec:
         spec = ModelSpec(**values)
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
-    for name in ("max_new_tokens", "max_batch_prompts", "max_concurrent", "batch_size"):
+    for name in (
+        "max_new_tokens",
+        "max_batch_prompts",
+        "max_concurrent",
+        "batch_size",
+        "max_input_chars",
+    ):
         if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
             raise ConfigError(f"{where}: '{name}' must be a positive integer")
     for name in ("max_input_tokens", "context_length", "max_batch_tokens"):

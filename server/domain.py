@@ -165,6 +165,8 @@ class ModelLimits:
     max_new_tokens: int = 0
     # Embedding only: the most prompts one Embed call may carry.
     max_batch_prompts: int = 0
+    # The most characters of text one request may carry (checked before tokenizing).
+    max_input_chars: int = 0
 
 
 @dataclass(frozen=True, slots=True)

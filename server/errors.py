@@ -9,15 +9,51 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+# The most characters of a client's value that an error message quotes. A message travels in
+# the grpc-message header, and a header too large for a proxy (Envoy) makes it drop the one
+# HTTP/2 connection that carries every other client's calls too.
+QUOTE_MAX_CHARS = 120
+# The longest message any error carries, whatever it quotes: a backstop for messages built from
+# other libraries' texts (protobuf's JSON parser quotes field names and values).
+MESSAGE_MAX_CHARS = 1024
+
+
+def quoted(value: object, limit: int = QUOTE_MAX_CHARS) -> str:
+    """A client's value for an error message: repr of a string cut to `limit` characters.
+
+    Values that are not strings (a JSON role that is an object, say) are named by their type:
+    printing them could take long (a 5000-digit integer) or fail (deep nesting).
+    """
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return repr(value)
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    if value is None or isinstance(value, bool | float):
+        return repr(value)
+    if isinstance(value, int) and abs(value) < 10**limit:
+        return repr(value)
+    return f"a value of type {type(value).__name__}"
+
+
+def clipped(message: str, limit: int = MESSAGE_MAX_CHARS) -> str:
+    """`message` cut to `limit` characters, saying so."""
+    if len(message) <= limit:
+        return message
+    return f"{message[:limit]}... (message cut at {limit} characters)"
+
 
 class GlmError(Exception):
-    """Base of the errors a client caused or can act on; the message says what to fix."""
+    """Base of the errors a client caused or can act on; the message says what to fix.
+
+    Messages are cut to MESSAGE_MAX_CHARS; values a client sent are quoted with `quoted`.
+    """
 
     grpc_status = "UNKNOWN"
     http_status = 500
     error_type = "server_error"
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
+        message = clipped(message)
         super().__init__(message)
         self.message = message
         # The request field at fault, when there is one (OpenAI's error objects name it).
@@ -30,6 +66,12 @@ class InvalidArgumentError(GlmError):
     grpc_status = "INVALID_ARGUMENT"
     http_status = 400
     error_type = "invalid_request_error"
+
+
+class UnsupportedMediaTypeError(InvalidArgumentError):
+    """A JSON route was sent a body that is not JSON by its content type (gRPC, say)."""
+
+    http_status = 415
 
 
 class NotFoundError(GlmError):
@@ -67,7 +109,9 @@ class ResourceExhaustedError(GlmError):
 def unknown_model(model_id: str, available: Iterable[str]) -> NotFoundError:
     """Build the NOT_FOUND error for an unknown model id, listing the ids that exist."""
     names = ", ".join(sorted(available)) or "none"
-    return NotFoundError(f"unknown model {model_id!r}; available models: {names}", param="model")
+    return NotFoundError(
+        f"unknown model {quoted(model_id)}; available models: {names}", param="model"
+    )
 
 
 class InternalError(GlmError):

@@ -57,6 +57,10 @@ class Settings:
     # for. 9464 (the usual Prometheus exporter port) is a good choice; servers side by side each
     # take their own.
     metrics_port: int = 0
+    # Seconds between the SSE comments (": keep-alive") a streamed JSON chat sends while it waits
+    # for its first token, queued behind other requests: proxies with a read timeout (often 60 s)
+    # would otherwise close a stream that has sent nothing yet. 0 sends none.
+    sse_heartbeat_s: float = 15.0
 
     @property
     def cors_origin_list(self) -> tuple[str, ...]:
@@ -111,6 +115,8 @@ def _validate(settings: Settings) -> Settings:
         raise ValueError(f"metrics_port must be a TCP port or 0, got {settings.metrics_port}")
     if settings.shutdown_grace_s < 0:
         raise ValueError("shutdown_grace_s must not be negative")
+    if settings.sse_heartbeat_s < 0:
+        raise ValueError("sse_heartbeat_s must not be negative (0 sends no heartbeats)")
     return settings
 
 

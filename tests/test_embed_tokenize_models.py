@@ -116,7 +116,8 @@ async def test_tokenize_truncates_to_max_tokens(stub: pb_grpc.GlmServiceStub) ->
     )
     assert len(response.token_ids) == 3
     assert response.truncated
-    assert len(response.tokens) == 5  # pieces are not truncated, as in the seed
+    # The pieces are cut to max_tokens too (the seed sent them all, however long the text).
+    assert len(response.tokens) == 3
 
 
 async def test_list_models_publishes_limits(stub: pb_grpc.GlmServiceStub) -> None:
@@ -140,6 +141,7 @@ async def test_list_models_publishes_limits(stub: pb_grpc.GlmServiceStub) -> Non
     assert embed.max_input_tokens == 256
     assert embed.max_batch_prompts == 256
     assert embed.max_new_tokens == 0
+    assert chat.max_input_chars == embed.max_input_chars == 262144
     assert chat.created > 1_700_000_000
     assert chat.owned_by == "HuggingFaceTB"
 

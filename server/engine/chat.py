@@ -168,21 +168,27 @@ class ChatEngine:
             )
         return prompt_ids, max_new
 
-    async def generate(self, request: ChatRequest) -> AsyncGenerator[GenerationEvent, None]:
+    async def generate(
+        self, request: ChatRequest, on_accepted: Callable[[], None] | None = None
+    ) -> AsyncGenerator[GenerationEvent, None]:
         """Stream the reply as text pieces; the last event has finish_reason and usage.
 
         With tools offered, a reply that is a tool call comes back as one last event carrying
         `function_call` (server/engine/tool_calls.py). Closing the iterator early (client gone,
-        deadline) stops the generation within one step.
+        deadline) stops the generation within one step. `on_accepted` is called once the
+        request has passed every check and waits for its place (or has it): from then on only
+        shutdown or a failing model can refuse it.
         """
-        events = self._generate(request)
+        events = self._generate(request, on_accepted)
         if request.tools:
             events = detect_tool_calls(events, request.tools, self._model.parse_tool_call)
         async with contextlib.aclosing(events) as stream:
             async for event in stream:
                 yield event
 
-    async def _generate(self, request: ChatRequest) -> AsyncGenerator[GenerationEvent, None]:
+    async def _generate(
+        self, request: ChatRequest, on_accepted: Callable[[], None] | None
+    ) -> AsyncGenerator[GenerationEvent, None]:
         loop = asyncio.get_running_loop()
         prompt_ids, max_new = await asyncio.to_thread(self._plan, request)
         if self._closed:
@@ -193,6 +199,8 @@ class ChatEngine:
                 f"model {request.model!r} is busy: {self._max_concurrent} replies are being "
                 f"generated and {self._waiting} requests are waiting (max_waiting); retry later"
             )
+        if on_accepted is not None:
+            on_accepted()
         self._waiting += 1
         try:
             # A request cancelled here (deadline, client gone) never starts.

@@ -11,12 +11,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from server.config import CHAT_MAX_BATCH_TOKENS, EMBED_MAX_BATCH_TOKENS, ModelSpec
+from server.config import (
+    CHAT_MAX_BATCH_TOKENS,
+    EMBED_MAX_BATCH_TOKENS,
+    MAX_MODEL_ID_CHARS,
+    ModelSpec,
+)
 from server.domain import ModelInfo, ModelKind, ModelLimits
 from server.engine.chat import ChatEngine
 from server.engine.embed import EmbedBatcher, measure_pass_overhead
 from server.engine.threads import run_in_fresh_thread, run_via
-from server.errors import FailedPreconditionError, UnavailableError, unknown_model
+from server.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    UnavailableError,
+    unknown_model,
+)
 from server.metrics import NULL_OBSERVER, EngineObserver, Metrics
 from server.models.base import ChatModel, EmbeddingModel, Model
 
@@ -177,6 +187,12 @@ class ModelRegistry:
         ) and any(e.state is LoadState.READY for e in entries)
 
     def _entry(self, model_id: str, kind: ModelKind | None) -> _Entry:
+        if len(model_id) > MAX_MODEL_ID_CHARS:
+            raise InvalidArgumentError(
+                f"model is {len(model_id)} characters long; model ids are at most "
+                f"{MAX_MODEL_ID_CHARS}",
+                param="model",
+            )
         if not model_id:
             default_kind = kind or ModelKind.CHAT
             fallback = self._defaults.get(default_kind) or next(iter(self._defaults.values()), "")
@@ -229,6 +245,7 @@ class ModelRegistry:
             context_length=model.context_length if model else (spec.context_length or 0),
             max_new_tokens=spec.max_new_tokens if is_chat else 0,
             max_batch_prompts=0 if is_chat else spec.max_batch_prompts,
+            max_input_chars=spec.max_input_chars,
         )
 
     def infos(self) -> list[ModelInfo]:

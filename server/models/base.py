@@ -136,3 +136,14 @@ class EmbeddingModel(Model):
     @abstractmethod
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """The tokens each text takes after truncation to max_input_tokens."""
+
+    def clip(self, texts: Sequence[str]) -> tuple[list[int], list[str]]:
+        """count_tokens(texts), and the texts cut to little more than what `encode` reads.
+
+        `encode` truncates a text to max_input_tokens, but tokenizes all of it first; given the
+        cut texts it tokenizes only what it keeps, with the same result. This runs on a worker
+        thread while `encode` runs on the chat scheduler's (server/engine/embed.py), where a
+        long text tokenized whole would hold every chat sequence up. The default keeps the
+        texts whole.
+        """
+        return self.count_tokens(texts), list(texts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections.abc import Sequence
@@ -29,7 +30,9 @@ class _LockedDecoder:
     """A tokenizer's decode behind a lock.
 
     Fast tokenizers are Rust objects that raise "Already borrowed" when two threads use them at
-    once; the lock is held for microseconds, so it never serializes the model work.
+    once. The chat scheduler's thread decodes every generated token through this, so it has a
+    tokenizer of its own that no request's tokenization (a prompt, a Tokenize call, which can
+    take a second for a long text) ever holds.
     """
 
     def __init__(self, tokenizer: Any, lock: threading.Lock) -> None:
@@ -59,8 +62,10 @@ class TransformersChatModel(ChatModel):
             raise ValueError(f"the tokenizer of {source} has no chat template")
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         self._model = model.to(self._device).eval()
+        # Requests' tokenization (prompts, Tokenize) and the scheduler's decoding each have a
+        # tokenizer and a lock of their own (see _LockedDecoder).
         self._lock = threading.Lock()
-        self._decoder = _LockedDecoder(self._tokenizer, self._lock)
+        self._decoder = _LockedDecoder(copy.deepcopy(self._tokenizer), threading.Lock())
 
         config_context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         self._context_length = spec.context_length or config_context or 2048
@@ -139,7 +144,7 @@ class TransformersChatModel(ChatModel):
             pieces = self._tokenizer.tokenize(text)
         return Tokenization(
             token_ids=tuple(int(i) for i in ids[:max_tokens]),
-            tokens=tuple(str(p) for p in pieces),
+            tokens=tuple(str(p) for p in pieces[:max_tokens]),
             truncated=len(ids) > max_tokens,
         )
 

@@ -172,7 +172,7 @@ class ChatGLM3Model(ChatModel):
         ids = self._tokenizer.prefix_ids + self._tokenizer.encode(text)
         return Tokenization(
             token_ids=tuple(ids[:max_tokens]),
-            tokens=tuple(self._tokenizer.pieces(text)),
+            tokens=tuple(self._tokenizer.pieces(text)[:max_tokens]),
             truncated=len(ids) > max_tokens,
         )
 

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 # text2vec's SentenceModel cuts inputs at 256 tokens; plain encoder folders get the same default.
 PLAIN_ENCODER_MAX_TOKENS = 256
+# Tokens kept beyond max_input_tokens when a long text is cut before `encode` (see `clip`): the
+# tokenizer then sees the same text around the last token the model reads as in the whole text,
+# so it splits it the same way.
+CLIP_MARGIN_TOKENS = 16
 
 
 def _has_modules_json(source: str) -> bool:
@@ -140,13 +144,35 @@ class SentenceTransformerModel(EmbeddingModel):
             )
         return [len(ids) for ids in encoded["input_ids"]]
 
+    def clip(self, texts: Sequence[str]) -> tuple[list[int], list[str]]:
+        with self._tokenizer_lock:
+            encoded = self._tokenizer(
+                list(texts),
+                add_special_tokens=True,
+                return_offsets_mapping=True,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+                # Long texts are expected here: no warning that the model cannot take them.
+                verbose=False,
+            )
+        counts: list[int] = []
+        clipped: list[str] = []
+        cut = self._max_input + CLIP_MARGIN_TOKENS
+        for text, ids, offsets in zip(
+            texts, encoded["input_ids"], encoded["offset_mapping"], strict=True
+        ):
+            counts.append(min(len(ids), self._max_input))
+            # Only a token followed by others: the last ones may be special (no offsets).
+            clipped.append(text[: offsets[cut][1]] if len(ids) > cut + 1 else text)
+        return counts, clipped
+
     def tokenize(self, text: str, max_tokens: int) -> Tokenization:
         with self._tokenizer_lock:
             ids = self._tokenizer(text, add_special_tokens=True)["input_ids"]
             pieces = self._tokenizer.tokenize(text)
         return Tokenization(
             token_ids=tuple(int(i) for i in ids[:max_tokens]),
-            tokens=tuple(str(p) for p in pieces),
+            tokens=tuple(str(p) for p in pieces[:max_tokens]),
             truncated=len(ids) > max_tokens,
         )
 

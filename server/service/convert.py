@@ -25,13 +25,15 @@ from server.domain import (
     ToolSpec,
     Usage,
 )
-from server.errors import InvalidArgumentError
+from server.errors import InvalidArgumentError, quoted
 
 _ROLES = {r.value: r for r in Role}
 # The roles after which the assistant speaks next.
 _LAST_ROLES = (Role.USER, Role.OBSERVATION)
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
+# A role's length is checked before it is looked up or quoted in an error message.
+MAX_ROLE_CHARS = 32
 DEFAULT_TOKENIZE_MAX_TOKENS = 4096
 MAX_TOOLS = 64
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -42,11 +44,15 @@ def _function_call_from_proto(call: pb.FunctionCall, where: str) -> FunctionCall
         raise InvalidArgumentError(f"{where}.name must be 1 to 64 letters, digits, '_' or '-'")
     try:
         arguments = json.loads(call.arguments or "{}")
+        if not isinstance(arguments, dict):
+            raise InvalidArgumentError(f"{where}.arguments must be a JSON object")
+        return FunctionCall(call.name, json.dumps(arguments, ensure_ascii=False))
     except json.JSONDecodeError as exc:
         raise InvalidArgumentError(f"{where}.arguments is not valid JSON: {exc}") from exc
-    if not isinstance(arguments, dict):
-        raise InvalidArgumentError(f"{where}.arguments must be a JSON object")
-    return FunctionCall(call.name, json.dumps(arguments, ensure_ascii=False))
+    except (RecursionError, ValueError) as exc:  # nesting or a number past what Python parses
+        raise InvalidArgumentError(
+            f"{where}.arguments nests too deeply or holds a number too long to parse"
+        ) from exc
 
 
 def tools_from_proto(tools: Sequence[pb.Tool]) -> tuple[ToolSpec, ...]:
@@ -58,18 +64,25 @@ def tools_from_proto(tools: Sequence[pb.Tool]) -> tuple[ToolSpec, ...]:
     specs: list[ToolSpec] = []
     for i, tool in enumerate(tools):
         if tool.type not in ("", "function"):
-            raise InvalidArgumentError(f"tools[{i}].type must be 'function', got {tool.type!r}")
+            raise InvalidArgumentError(
+                f"tools[{i}].type must be 'function', got {quoted(tool.type)}"
+            )
         name = tool.function.name
         if not _TOOL_NAME.fullmatch(name):
             raise InvalidArgumentError(
                 f"tools[{i}].function.name must be 1 to 64 letters, digits, '_' or '-'"
             )
         if any(s.name == name for s in specs):
-            raise InvalidArgumentError(f"tools[{i}]: the tool name {name!r} is used twice")
+            raise InvalidArgumentError(f"tools[{i}]: the tool name {quoted(name)} is used twice")
         # A Struct keeps no key order; sort the keys so the same tools always give the same prompt.
-        parameters = json.loads(
-            json.dumps(json_format.MessageToDict(tool.function.parameters), sort_keys=True)
-        )
+        try:
+            parameters = json.loads(
+                json.dumps(json_format.MessageToDict(tool.function.parameters), sort_keys=True)
+            )
+        except RecursionError as exc:
+            raise InvalidArgumentError(
+                f"tools[{i}].function.parameters nests values too deeply"
+            ) from exc
         specs.append(ToolSpec(name, tool.function.description, parameters))
     return tuple(specs)
 
@@ -89,10 +102,15 @@ def chat_request_from_proto(request: pb.ChatRequest, model_id: str) -> ChatReque
         raise InvalidArgumentError("messages must hold at least one message")
     messages: list[ChatMessage] = []
     for i, message in enumerate(request.messages):
+        if len(message.role) > MAX_ROLE_CHARS:
+            raise InvalidArgumentError(
+                f"messages[{i}].role is {len(message.role)} characters long; roles are at most "
+                f"{MAX_ROLE_CHARS}: use one of: {', '.join(_ROLES)}"
+            )
         role = _ROLES.get(message.role)
         if role is None:
             raise InvalidArgumentError(
-                f"messages[{i}].role is {message.role!r}; use one of: {', '.join(_ROLES)}"
+                f"messages[{i}].role is {quoted(message.role)}; use one of: {', '.join(_ROLES)}"
             )
         call = None
         if message.HasField("function_call"):
@@ -224,8 +242,32 @@ def chat_completion(
     )
 
 
-def embed_texts_from_proto(request: pb.EmbedRequest, max_prompts: int) -> tuple[str, ...]:
-    """Validate the prompts of an EmbedRequest against the model's max_batch_prompts."""
+def check_input_chars(chars: int, limit: int, model_id: str, what: str) -> None:
+    """Refuse a request whose text is longer than the model's max_input_chars."""
+    if chars > limit:
+        raise InvalidArgumentError(
+            f"{what} holds {chars} characters, but model {model_id!r} takes at most {limit} "
+            "per request (max_input_chars); shorten or split the request"
+        )
+
+
+def chat_chars(request: pb.ChatRequest) -> int:
+    """The characters of text a ChatRequest carries: messages, tool calls and tools."""
+    chars = sum(
+        len(m.content) + len(m.function_call.name) + len(m.function_call.arguments)
+        for m in request.messages
+    )
+    for tool in request.tools:
+        # A Struct's wire size stands for the length of its JSON: both grow with its contents.
+        chars += len(tool.function.description) + tool.function.parameters.ByteSize()
+    return chars
+
+
+def embed_texts_from_proto(
+    request: pb.EmbedRequest, model_id: str, max_prompts: int, max_chars: int
+) -> tuple[str, ...]:
+    """Validate the prompts of an EmbedRequest against the model's max_batch_prompts and
+    max_input_chars."""
     if not request.prompt:
         raise InvalidArgumentError("prompt must hold at least one text")
     if len(request.prompt) > max_prompts:
@@ -233,6 +275,7 @@ def embed_texts_from_proto(request: pb.EmbedRequest, max_prompts: int) -> tuple[
             f"prompt holds {len(request.prompt)} texts; this model takes at most {max_prompts} "
             "per call (max_batch_prompts); split the request"
         )
+    check_input_chars(sum(len(p) for p in request.prompt), max_chars, model_id, "prompt")
     for i, text in enumerate(request.prompt):
         if not text.strip():
             raise InvalidArgumentError(f"prompt[{i}] is empty; every text must hold characters")
@@ -262,4 +305,5 @@ def model_to_proto(info: ModelInfo) -> pb.Model:
         context_length=info.limits.context_length,
         max_batch_prompts=info.limits.max_batch_prompts,
         default=info.default,
+        max_input_chars=info.limits.max_input_chars,
     )

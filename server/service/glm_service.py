@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import grpc
 import numpy as np
@@ -33,11 +33,19 @@ class GlmService(pb_grpc.GlmServiceServicer):
 
     # -- the pipeline, free of any transport ------------------------------------------------
 
-    async def chat(self, request: pb.ChatRequest) -> AsyncGenerator[pb.ChatResponse, None]:
-        """Stream the reply to `request` (one response only when request.stream is false)."""
+    async def chat(
+        self, request: pb.ChatRequest, on_accepted: Callable[[], None] | None = None
+    ) -> AsyncGenerator[pb.ChatResponse, None]:
+        """Stream the reply to `request` (one response only when request.stream is false).
+
+        `on_accepted` is called once the request is valid and waits for its place in the engine
+        (ChatEngine.generate).
+        """
         model_id, engine = self._registry.chat(request.model)
         call = current_call()  # what the request log line and the metrics report
         call.note_model(model_id)
+        limit = self._registry.spec(model_id).max_input_chars
+        convert.check_input_chars(convert.chat_chars(request), limit, model_id, "the request")
         chat_request = convert.chat_request_from_proto(request, model_id)
         stream = request.stream if request.HasField("stream") else True
         deltas_only = request.chunk if request.HasField("chunk") else True
@@ -46,7 +54,7 @@ class GlmService(pb_grpc.GlmServiceServicer):
 
         text = ""
         first = True
-        async with contextlib.aclosing(engine.generate(chat_request)) as events:
+        async with contextlib.aclosing(engine.generate(chat_request, on_accepted)) as events:
             async for event in events:
                 text += event.text
                 if event.finish_reason is None and not event.text:
@@ -83,8 +91,9 @@ class GlmService(pb_grpc.GlmServiceServicer):
         model_id, batcher, model = self._registry.embedder(request.model)
         call = current_call()
         call.note_model(model_id)
+        spec = self._registry.spec(model_id)
         texts = convert.embed_texts_from_proto(
-            request, self._registry.spec(model_id).max_batch_prompts
+            request, model_id, spec.max_batch_prompts, spec.max_input_chars
         )
         vectors, tokens = await batcher.embed(texts)
         call.note_usage(tokens)
@@ -104,6 +113,8 @@ class GlmService(pb_grpc.GlmServiceServicer):
         max_tokens = convert.tokenize_max_tokens(request)
         model_id, model = self._registry.any_model(request.model)
         current_call().note_model(model_id)
+        limit = self._registry.spec(model_id).max_input_chars
+        convert.check_input_chars(len(request.prompt), limit, model_id, "prompt")
         result = await asyncio.to_thread(model.tokenize, request.prompt, max_tokens)
         return pb.TokenizeResponse(
             token_ids=result.token_ids,

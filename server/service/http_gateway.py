@@ -10,6 +10,7 @@ stream become an in-band error event, since the 200 status line is already on th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
@@ -28,10 +29,13 @@ from server.service.json_api import openai, seed
 from server.service.json_api.common import (
     EVENT_STREAM,
     SSE_DONE,
+    SSE_HEARTBEAT,
     HttpReply,
+    check_content_type,
     error_object,
     error_reply,
     json_reply,
+    parsed,
     sse_event,
 )
 
@@ -59,8 +63,10 @@ def _failed(error: GlmError) -> GlmError:
 class HttpGatewayService(gw_grpc.HttpGatewayServiceServicer):
     """The seed's routes and OpenAI's routes over one GlmService."""
 
-    def __init__(self, service: GlmService) -> None:
+    def __init__(self, service: GlmService, heartbeat_s: float = 0.0) -> None:
         self._service = service
+        # Seconds between SSE comments while a queued stream waits (0: none; see _chat).
+        self._heartbeat_s = heartbeat_s
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -98,46 +104,87 @@ class HttpGatewayService(gw_grpc.HttpGatewayServiceServicer):
         whole: Callable[[pb.ChatResponse], dict[str, Any]],
         chunk: ChunkRenderer,
     ) -> AsyncGenerator[HttpBody, None]:
-        """Run a chat request; stream it as events or send it as one object."""
+        """Run a chat request; stream it as events or send it as one object.
+
+        The first response is awaited before any byte is sent, so that a refused request (bad
+        input, unknown model, busy) gets its own status instead of a 200. A streamed request
+        that the engine has accepted but that has no first token yet (queued behind others)
+        sends a 200 and SSE comments every `heartbeat_s` meanwhile, so that proxies do not
+        time it out; from then on an error goes in-band, as after the first token.
+        """
         responses: AsyncGenerator[pb.ChatResponse, None] | None = None
+        pending: asyncio.Future[pb.ChatResponse] | None = None
+        started = False  # whether the status line (200) is out
+        error: GlmError | None = None
         try:
-            request, stream = parse()
-            responses = self._service.chat(request)
-            # Pull the first response before any byte is sent, so that a refused request
-            # (bad input, unknown model, busy) gets its own status instead of a 200.
-            first = await anext(responses)
-            if not stream:
-                yield await self._send(context, json_reply(whole(first)))
+            try:
+                request, stream = parse()
+                accepted = asyncio.Event()
+                responses = self._service.chat(request, on_accepted=accepted.set)
+                if stream and self._heartbeat_s > 0:
+                    # The first step runs as a task of its own, so that heartbeats can be sent
+                    # while it waits.
+                    pending = asyncio.ensure_future(anext(responses))
+                    while not pending.done():
+                        await asyncio.wait({pending}, timeout=self._heartbeat_s)
+                        if pending.done() or not accepted.is_set():
+                            continue
+                        if not started:
+                            await context.send_initial_metadata(((STATUS_HEADER, "200"),))
+                            started = True
+                        yield HttpBody(content_type=EVENT_STREAM, data=SSE_HEARTBEAT)
+                    first = await pending
+                else:
+                    first = await anext(responses)
+                if not stream:
+                    yield await self._send(context, json_reply(whole(first)))
+                    return
+                if not started:
+                    await context.send_initial_metadata(((STATUS_HEADER, "200"),))
+                    started = True
+                yield HttpBody(content_type=EVENT_STREAM, data=b"".join(chunk(first)))
+            except StopAsyncIteration:
+                error = _internal(RuntimeError("empty"), route)
+            except GlmError as exc:
+                error = exc
+            except Exception as exc:
+                error = _internal(exc, route)
+            if error is not None:
+                if started:
+                    yield HttpBody(
+                        content_type=EVENT_STREAM, data=sse_event(error_object(_failed(error)))
+                    )
+                else:
+                    yield await self._send(context, error_reply(_failed(error)))
                 return
-            await context.send_initial_metadata(((STATUS_HEADER, "200"),))
-            yield HttpBody(content_type=EVENT_STREAM, data=b"".join(chunk(first)))
-        except StopAsyncIteration:
-            error = _failed(_internal(RuntimeError("empty"), route))
-            yield await self._send(context, error_reply(error))
-            return
-        except GlmError as exc:
-            yield await self._send(context, error_reply(_failed(exc)))
-            return
-        except Exception as exc:
-            yield await self._send(context, error_reply(_failed(_internal(exc, route))))
-            return
-        try:
-            async for response in responses:
-                yield HttpBody(content_type=EVENT_STREAM, data=b"".join(chunk(response)))
-            yield HttpBody(content_type=EVENT_STREAM, data=SSE_DONE)
-        except GlmError as exc:
-            yield HttpBody(content_type=EVENT_STREAM, data=sse_event(error_object(_failed(exc))))
-        except Exception as exc:
-            error = _failed(_internal(exc, route))
-            yield HttpBody(content_type=EVENT_STREAM, data=sse_event(error_object(error)))
+            assert responses is not None
+            try:
+                async for response in responses:
+                    yield HttpBody(content_type=EVENT_STREAM, data=b"".join(chunk(response)))
+                yield HttpBody(content_type=EVENT_STREAM, data=SSE_DONE)
+            except GlmError as exc:
+                yield HttpBody(
+                    content_type=EVENT_STREAM, data=sse_event(error_object(_failed(exc)))
+                )
+            except Exception as exc:
+                error = _failed(_internal(exc, route))
+                yield HttpBody(content_type=EVENT_STREAM, data=sse_event(error_object(error)))
         finally:
-            await responses.aclose()
+            if pending is not None and not pending.done():
+                # The caller left while the first response was awaited: the pending step of
+                # the generation ends first, then the generation closes.
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await pending
+            if responses is not None:
+                await responses.aclose()
 
     # -- the seed's routes -----------------------------------------------------------------
 
     async def SeedChat(self, request: HttpBody, context: Context) -> AsyncIterator[HttpBody]:
         def parse() -> tuple[pb.ChatRequest, bool]:
-            typed = seed.chat_request(request.data)
+            check_content_type(request.content_type, "/chat")
+            typed = parsed(lambda: seed.chat_request(request.data))
             return typed, seed.wants_stream(typed)
 
         def chunk(response: pb.ChatResponse) -> list[bytes]:
@@ -151,14 +198,18 @@ class HttpGatewayService(gw_grpc.HttpGatewayServiceServicer):
 
     async def SeedEmbedding(self, request: HttpBody, context: Context) -> HttpBody:
         async def work() -> HttpReply:
-            response = await self._service.embed(seed.embed_request(request.data))
+            check_content_type(request.content_type, "/embedding")
+            typed = parsed(lambda: seed.embed_request(request.data))
+            response = await self._service.embed(typed)
             return json_reply(seed.embedding(response))
 
         return await self._unary(context, "/embedding", work)
 
     async def SeedTokenize(self, request: HttpBody, context: Context) -> HttpBody:
         async def work() -> HttpReply:
-            response = await self._service.tokenize(seed.tokenize_request(request.data))
+            check_content_type(request.content_type, "/tokenize")
+            typed = parsed(lambda: seed.tokenize_request(request.data))
+            response = await self._service.tokenize(typed)
             return json_reply(seed.tokenization(response))
 
         return await self._unary(context, "/tokenize", work)
@@ -178,7 +229,8 @@ class HttpGatewayService(gw_grpc.HttpGatewayServiceServicer):
 
         def parse() -> tuple[pb.ChatRequest, bool]:
             nonlocal include_usage
-            typed, stream, include_usage = openai.chat_request(request.data)
+            check_content_type(request.content_type, "/v1/chat/completions")
+            typed, stream, include_usage = parsed(lambda: openai.chat_request(request.data))
             return typed, stream
 
         def chunk(response: pb.ChatResponse) -> list[bytes]:
@@ -195,7 +247,8 @@ class HttpGatewayService(gw_grpc.HttpGatewayServiceServicer):
 
     async def OpenAiEmbeddings(self, request: HttpBody, context: Context) -> HttpBody:
         async def work() -> HttpReply:
-            typed, encoding, dimensions = openai.embed_request(request.data)
+            check_content_type(request.content_type, "/v1/embeddings")
+            typed, encoding, dimensions = parsed(lambda: openai.embed_request(request.data))
             response = await self._service.embed(typed)
             if dimensions is not None and dimensions != response.dimensions:
                 raise InvalidArgumentError(

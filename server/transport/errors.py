@@ -2,8 +2,11 @@
 
 A server.errors exception becomes its status with its message. Anything else is a bug: it is
 logged with its traceback and the client gets INTERNAL with an id to find it in the log.
+Request bytes that are not the method's message are INVALID_ARGUMENT (gRPC itself would answer
+UNKNOWN, naming protobuf's exception class).
 Every call also gets one log line (request id, model, tokens in and out, duration, status) and,
-when the server has metrics, its count and duration (server/metrics.py).
+when the server has metrics, its count and duration (server/metrics.py); with a MemoryReleaser,
+a large request is followed by giving freed memory back (server/memory.py).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from server.errors import GlmError
+from server.errors import GlmError, InvalidArgumentError, clipped
+from server.memory import MemoryReleaser
 from server.metrics import CallRecord, Metrics, open_call
 
 log = logging.getLogger("server.requests")
@@ -94,6 +98,42 @@ def _log_call(call: CallRecord, status: str, ended: float) -> None:
     )
 
 
+class _Undecodable:
+    """What request bytes that are not the method's message deserialize to: the handler
+    wrappers below answer INVALID_ARGUMENT for it instead of calling the handler."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer`, returning an _Undecodable instead of raising."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return _Undecodable(clipped(str(exc), 300))
+
+    return deserialize
+
+
+def _check_decoded(request: Any, rpc: str) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgumentError(
+            f"the request is not a valid message for {rpc}: {request.reason}"
+        )
+
+
+def _size(request: Any) -> int:
+    """The serialized size of a request (cheap: protobuf keeps its strings' lengths)."""
+    return 0 if isinstance(request, _Undecodable) else int(request.ByteSize())
+
+
 if TYPE_CHECKING:
     _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:  # grpc's runtime class is not generic; only its type stubs are
@@ -108,10 +148,15 @@ class ErrorInterceptor(_Interceptor):
     one log line and, with `metrics`, the RPC metrics.
     """
 
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, metrics: Metrics | None = None, memory: MemoryReleaser | None = None
+    ) -> None:
         self._metrics = metrics
+        self._memory = memory
 
-    def _finish(self, call: CallRecord, status: str) -> None:
+    def _finish(self, call: CallRecord, status: str, request: Any) -> None:
+        if self._memory is not None:
+            self._memory.after_request(_size(request))
         ended = time.monotonic()
         # A handler that answered an error itself (the JSON gateway) recorded the real status.
         status = call.status or status
@@ -143,6 +188,7 @@ class ErrorInterceptor(_Interceptor):
                 # cancelled: client gone, deadline, shutdown) is a cancellation.
                 status = grpc.StatusCode.CANCELLED.name
                 try:
+                    _check_decoded(request, rpc)
                     response = await unary(request, context)
                     status = "OK"
                     return response
@@ -154,11 +200,11 @@ class ErrorInterceptor(_Interceptor):
                     await _abort_for(exc, context, method)
                     raise
                 finally:
-                    self._finish(call, status)
+                    self._finish(call, status, request)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_wrapper,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
@@ -171,6 +217,7 @@ class ErrorInterceptor(_Interceptor):
                 # As above; a stream can also end by being closed at a yield (GeneratorExit).
                 status = grpc.StatusCode.CANCELLED.name
                 try:
+                    _check_decoded(request, rpc)
                     async for response in streaming(request, context):
                         yield response
                     status = "OK"
@@ -182,11 +229,11 @@ class ErrorInterceptor(_Interceptor):
                     await _abort_for(exc, context, method)
                     raise
                 finally:
-                    self._finish(call, status)
+                    self._finish(call, status, request)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream_wrapper,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler

@@ -10,6 +10,7 @@ from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
 from glm.v1 import http_gateway_pb2 as gw
 from glm.v1 import http_gateway_pb2_grpc as gw_grpc
+from server.memory import MemoryReleaser
 from server.metrics import Metrics
 from server.transport.errors import ErrorInterceptor
 from server.transport.reflection import enable_reflection
@@ -48,13 +49,15 @@ def build_server(
     max_message_bytes: int,
     gateway: gw_grpc.HttpGatewayServiceServicer | None = None,
     metrics: Metrics | None = None,
+    memory: MemoryReleaser | None = None,
 ) -> grpc.aio.Server:
     """A server with every service registered and no port bound yet.
 
-    With `metrics`, every glm.* call is counted and timed in it (see server/transport/errors.py).
+    With `metrics`, every glm.* call is counted and timed in it; with `memory`, large calls are
+    followed by giving freed memory back (see server/transport/errors.py).
     """
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(metrics)],
+        interceptors=[ErrorInterceptor(metrics, memory)],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),

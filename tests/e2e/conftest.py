@@ -79,9 +79,11 @@ def http_status(url: str) -> int:
         return 0
 
 
-def start_gateway(tmp: Path, *extra: str) -> Gateway:
+def start_gateway(
+    tmp: Path, *extra: str, config_text: str = E2E_CONFIG, env_extra: dict[str, str] | None = None
+) -> Gateway:
     config = tmp / "models.toml"
-    config.write_text(E2E_CONFIG)
+    config.write_text(config_text)
     grpc_port, http_port = free_port(), free_port()
     log = tmp / "gateway.log"
     env = dict(
@@ -91,6 +93,7 @@ def start_gateway(tmp: Path, *extra: str) -> Gateway:
         GLM_CONFIG=str(config),
         GLM_CORS_ORIGINS=ALLOWED_ORIGIN,
         GLM_SHUTDOWN_GRACE_S="5",
+        **(env_extra or {}),
     )
     with log.open("wb") as out:
         proc = subprocess.Popen(

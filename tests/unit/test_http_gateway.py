@@ -7,8 +7,9 @@ and the gateway calling it through HttpBody messages.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -20,6 +21,7 @@ from glm.v1 import glm_service_pb2_grpc as pb_grpc
 from glm.v1 import http_gateway_pb2_grpc as gw_grpc
 from server.errors import InvalidArgumentError, ResourceExhaustedError
 from server.service.http_gateway import STATUS_HEADER, HttpGatewayService
+from server.service.json_api.common import SSE_HEARTBEAT
 from server.transport.grpc_server import Health, build_server
 
 
@@ -34,10 +36,21 @@ def chunk(text: str, finish: str = "") -> pb.ChatResponse:
 class ScriptedService:
     """Plays the part of GlmService.chat according to the last user message."""
 
-    async def chat(self, request: pb.ChatRequest) -> AsyncGenerator[pb.ChatResponse, None]:
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def chat(
+        self, request: pb.ChatRequest, on_accepted: Callable[[], None] | None = None
+    ) -> AsyncGenerator[pb.ChatResponse, None]:
         script = request.messages[-1].content
         if script == "busy":
             raise ResourceExhaustedError("full")
+        if script == "queued-then-fail":
+            # Accepted, then waits (for the test to let it go), then fails before any token.
+            assert on_accepted is not None
+            on_accepted()
+            await self.release.wait()
+            raise InvalidArgumentError("failed while queued")
         yield chunk("Hello")
         if script == "fail-mid-stream":
             raise InvalidArgumentError("went wrong after the first chunk")
@@ -54,8 +67,21 @@ class ScriptedService:
 
 
 @pytest.fixture
-async def stub() -> AsyncIterator[gw_grpc.HttpGatewayServiceStub]:
-    gateway = HttpGatewayService(ScriptedService())  # type: ignore[arg-type]
+def service() -> ScriptedService:
+    return ScriptedService()
+
+
+@pytest.fixture(params=[0.0, 0.01], ids=["no-heartbeats", "heartbeats"])
+def heartbeat_s(request: pytest.FixtureRequest) -> float:
+    """Every test runs with and without heartbeats: they change nothing but a queued wait."""
+    return float(request.param)
+
+
+@pytest.fixture
+async def stub(
+    service: ScriptedService, heartbeat_s: float
+) -> AsyncIterator[gw_grpc.HttpGatewayServiceStub]:
+    gateway = HttpGatewayService(service, heartbeat_s=heartbeat_s)  # type: ignore[arg-type]
     # GlmService itself is not under test: the generated base class answers UNIMPLEMENTED.
     server = build_server(
         pb_grpc.GlmServiceServicer(), Health(), max_message_bytes=1 << 20, gateway=gateway
@@ -134,3 +160,30 @@ async def test_tool_calls_in_openai_and_seed_shapes(stub: gw_grpc.HttpGatewaySer
     seed_last = json.loads(events[-2].removeprefix(b"data: "))["choices"][0]
     assert seed_last["finish_reason"] == "function_call"
     assert seed_last["delta"]["function_call"]["name"] == "get_weather"
+
+
+async def test_a_queued_stream_that_fails_reports_it(
+    stub: gw_grpc.HttpGatewayServiceStub, service: ScriptedService, heartbeat_s: float
+) -> None:
+    call = stub.SeedChat(body("queued-then-fail"))
+    replies = call.__aiter__()
+    if heartbeat_s:
+        # Waiting: the 200 and comments are out, so the error can only arrive in-band.
+        for _ in range(2):
+            assert (await anext(replies)).data == SSE_HEARTBEAT
+        assert dict(await call.initial_metadata()).get(STATUS_HEADER) == "200"
+    service.release.set()
+    rest = [r.data async for r in replies]
+    events = [e for e in rest if e != SSE_HEARTBEAT]
+    assert len(events) == 1
+    if heartbeat_s:
+        events[0] = events[0].removeprefix(b"data: ")
+    else:  # nothing was sent before: the error has its own status
+        assert dict(await call.initial_metadata()).get(STATUS_HEADER) == "400"
+    error = json.loads(events[0])["error"]
+    assert error == {
+        "message": "failed while queued",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_argument",
+    }

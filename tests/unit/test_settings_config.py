@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ConfigError, load_model_specs
+from server.config import DEFAULT_MAX_INPUT_CHARS, ConfigError, load_model_specs
 from server.domain import ModelKind
 from server.settings import DEFAULT_CONFIG, Settings, load_settings
 
@@ -47,6 +47,7 @@ def test_environment_then_flags() -> None:
         (["--log-format", "xml"], "log_format"),
         (["--warmup", "maybe"], "boolean"),
         (["--max-message-bytes", "12"], "max_message_bytes"),
+        (["--sse-heartbeat-s", "-1"], "sse_heartbeat_s"),
     ],
 )
 def test_bad_settings_are_refused(argv: list[str], message: str) -> None:
@@ -97,6 +98,8 @@ def write(tmp_path: Path, text: str) -> Path:
             "several default",
         ),
         ("[[models]\n", "not valid TOML"),
+        ("[[models]]\nid = 'a'\nkind = 'chat'\npath = 'x'\nmax_input_chars = 0\n", "positive"),
+        (f"[[models]]\nid = '{'m' * 257}'\nkind = 'chat'\npath = 'x'\n", "at most 256"),
     ],
 )
 def test_bad_configs_say_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
@@ -118,3 +121,17 @@ def test_path_is_used_when_it_exists_else_the_hub_id(tmp_path: Path) -> None:
     a, b = load_model_specs(write(tmp_path, text))
     assert a.source == str(tmp_path / "here")
     assert b.source == "hub:org/b"
+
+
+def test_max_input_chars_defaults_and_can_be_set(tmp_path: Path) -> None:
+    chat, embed = load_model_specs(DEFAULT_CONFIG)
+    assert chat.max_input_chars == embed.max_input_chars == DEFAULT_MAX_INPUT_CHARS
+    [spec] = load_model_specs(
+        write(tmp_path, "[[models]]\nid = 'a'\nkind = 'chat'\npath = 'x'\nmax_input_chars = 9\n")
+    )
+    assert spec.max_input_chars == 9
+
+
+def test_sse_heartbeats_default_and_can_be_turned_off() -> None:
+    assert Settings().sse_heartbeat_s == 15.0
+    assert load_settings([], environ={"GLM_SSE_HEARTBEAT_S": "0"}).sse_heartbeat_s == 0.0

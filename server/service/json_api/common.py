@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -12,12 +13,17 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from glm.v1 import glm_service_pb2 as pb
-from server.errors import GlmError, InvalidArgumentError
+from server.errors import GlmError, InvalidArgumentError, UnsupportedMediaTypeError, clipped
 
 M = TypeVar("M", bound=Message)
+T = TypeVar("T")
 
 JSON = "application/json"
 EVENT_STREAM = "text/event-stream"
+# The content type Envoy's Lua filter (envoy/envoy.yaml.tmpl) puts in place of a gRPC one on a
+# JSON route: a request with a gRPC content type would pass the transcoder untouched and reach
+# the server as a call of no gRPC method; renamed, it reaches its route, which refuses it.
+GRPC_ON_JSON_ROUTE = "application/x-glm-grpc"
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +133,8 @@ def sse_event(payload: Any) -> bytes:
 
 
 SSE_DONE = b"data: [DONE]\n\n"
+# An SSE comment: clients ignore it, proxies see bytes (sent while a stream waits for its start).
+SSE_HEARTBEAT = b": keep-alive\n\n"
 
 
 def usage_object(usage: pb.Usage) -> dict[str, int]:
@@ -155,19 +163,86 @@ def error_reply(error: GlmError) -> HttpReply:
     return json_reply(error_object(error), error.http_status)
 
 
+# A JSON escape of a UTF-16 surrogate: json.loads makes a lone one a str that has no UTF-8 form.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _holds_lone_surrogate(value: object) -> bool:
+    """Whether a string anywhere in a parsed JSON value holds an unpaired surrogate."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def parse_object(body: bytes) -> dict[str, Any]:
-    """The JSON object in a request body; an empty body is an empty object."""
+    """The JSON object in a request body; an empty body is an empty object.
+
+    Everything a hostile body can make json.loads do is a 400: nesting too deep for the parser,
+    integers with more digits than Python converts, lone surrogate escapes (text that no reply
+    could carry).
+    """
     if not body.strip():
         return {}
     try:
         value = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidArgumentError(f"the request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidArgumentError(
+            "the request body nests arrays or objects too deeply to parse"
+        ) from exc
+    except ValueError as exc:  # an integer past Python's digit limit for int(str)
+        raise InvalidArgumentError(
+            "the request body holds a number with too many digits to parse"
+        ) from exc
     if not isinstance(value, dict):
         raise InvalidArgumentError(
             f"the request body must be a JSON object, not {type(value).__name__}"
         )
+    if _SURROGATE_ESCAPE.search(body) and _holds_lone_surrogate(value):
+        raise InvalidArgumentError(
+            "the request body holds a lone UTF-16 surrogate escape (\\ud800 to \\udfff not in a "
+            "pair) in a string; such text cannot be encoded"
+        )
     return value
+
+
+def check_content_type(content_type: str, route: str) -> None:
+    """Refuse a body whose content type says gRPC (a gRPC client pointed at a JSON route).
+
+    Other content types are read as JSON, as the seed did (curl's default form type included).
+    """
+    media_type = content_type.partition(";")[0].strip().lower()
+    if media_type == GRPC_ON_JSON_ROUTE or media_type.startswith("application/grpc"):
+        raise UnsupportedMediaTypeError(
+            f"{route} takes a JSON body (Content-Type: application/json), not a gRPC request; "
+            "gRPC clients call glm.v1.GlmService on this port"
+        )
+
+
+def parsed(parse: Callable[[], T]) -> T:
+    """Run a dialect's parsing of a request body; what bad values make it raise is a 400.
+
+    The dialects check the shapes they expect, but a body can hold values that make Python or
+    protobuf raise on their own (an integer out of any field's range, a float that overflows,
+    nesting deeper than protobuf's JSON parser recurses); those are the client's errors too.
+    """
+    try:
+        return parse()
+    except RecursionError as exc:
+        raise InvalidArgumentError("the request nests values too deeply") from exc
+    except (ValueError, OverflowError) as exc:
+        raise InvalidArgumentError(f"invalid request: {clipped(str(exc), 300)}") from exc
 
 
 def is_text(value: object) -> bool:
@@ -214,5 +289,6 @@ def parse_into(payload: dict[str, Any], message: M) -> M:
     try:
         json_format.ParseDict(payload, message)
     except json_format.ParseError as exc:
-        raise InvalidArgumentError(f"invalid request: {exc}") from exc
+        # Its messages quote what they refuse (a field name, a value): cut short.
+        raise InvalidArgumentError(f"invalid request: {clipped(str(exc), 300)}") from exc
     return message

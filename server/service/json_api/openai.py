@@ -15,7 +15,8 @@ import numpy as np
 from google.protobuf import json_format
 
 from glm.v1 import glm_service_pb2 as pb
-from server.errors import InvalidArgumentError
+from server.errors import InvalidArgumentError, quoted
+from server.service.convert import MAX_ROLE_CHARS
 from server.service.json_api.common import FloatList, parse_object, usage_object
 
 # OpenAI's role names onto glm.v1's ("tool" results are ChatGLM3's "observation").
@@ -71,6 +72,34 @@ def _integer(payload: dict[str, Any], key: str) -> int | None:
     return value
 
 
+def _text(payload: dict[str, Any], key: str) -> str:
+    """A string field; absent or null is the empty string."""
+    value = payload.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidArgumentError(f"{key} must be a string", param=key)
+    return value
+
+
+def _role(message: dict[str, Any], index: int) -> str:
+    """glm.v1's name of a message's role."""
+    value = message.get("role")
+    if isinstance(value, str) and len(value) > MAX_ROLE_CHARS:
+        raise InvalidArgumentError(
+            f"messages[{index}].role is {len(value)} characters long; roles are at most "
+            f"{MAX_ROLE_CHARS}: use one of: {', '.join(_ROLES)}",
+            param="messages",
+        )
+    role = _ROLES.get(value) if isinstance(value, str) else None
+    if role is None:
+        raise InvalidArgumentError(
+            f"messages[{index}].role is {quoted(value)}; use one of: {', '.join(_ROLES)}",
+            param="messages",
+        )
+    return role
+
+
 def _content(message: dict[str, Any], index: int) -> str:
     """A message's text: a string, or the text parts of a content array."""
     content = message.get("content")
@@ -85,7 +114,13 @@ def _content(message: dict[str, Any], index: int) -> str:
                 raise InvalidArgumentError(
                     f"messages[{index}].content: only text parts are supported", param="messages"
                 )
-            texts.append(str(part.get("text", "")))
+            text = part.get("text", "")
+            if not isinstance(text, str):
+                raise InvalidArgumentError(
+                    f"messages[{index}].content: a text part's text must be a string",
+                    param="messages",
+                )
+            texts.append(text)
         return "".join(texts)
     raise InvalidArgumentError(
         f"messages[{index}].content must be a string or an array of text parts", param="messages"
@@ -104,8 +139,14 @@ def _add_tool_call(added: pb.ChatMessage, message: dict[str, Any], index: int) -
     function = calls[0].get("function") or {}
     if not isinstance(function, dict):
         raise InvalidArgumentError(f"messages[{index}].tool_calls[0].function", param="messages")
-    added.function_call.name = str(function.get("name", ""))
-    added.function_call.arguments = str(function.get("arguments", "{}"))
+    name, arguments = function.get("name", ""), function.get("arguments", "{}")
+    if not isinstance(name, str) or not isinstance(arguments, str):
+        raise InvalidArgumentError(
+            f"messages[{index}].tool_calls[0].function: name and arguments must be strings",
+            param="messages",
+        )
+    added.function_call.name = name
+    added.function_call.arguments = arguments
 
 
 def _add_tools(request: pb.ChatRequest, payload: dict[str, Any]) -> None:
@@ -167,17 +208,11 @@ def chat_request(body: bytes) -> tuple[pb.ChatRequest, bool, bool]:
     messages = payload.get("messages")
     if not isinstance(messages, list):
         raise InvalidArgumentError("messages must be an array of messages", param="messages")
-    request = pb.ChatRequest(model=str(payload.get("model") or ""))
+    request = pb.ChatRequest(model=_text(payload, "model"))
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise InvalidArgumentError(f"messages[{i}] must be an object", param="messages")
-        role = _ROLES.get(str(message.get("role")))
-        if role is None:
-            raise InvalidArgumentError(
-                f"messages[{i}].role is {message.get('role')!r}; use one of: {', '.join(_ROLES)}",
-                param="messages",
-            )
-        added = request.messages.add(role=role, content=_content(message, i))
+        added = request.messages.add(role=_role(message, i), content=_content(message, i))
         _add_tool_call(added, message, i)
     _add_tools(request, payload)
 
@@ -306,7 +341,7 @@ def embed_request(body: bytes) -> tuple[pb.EmbedRequest, str, int | None]:
         raise InvalidArgumentError(
             "encoding_format must be 'float' or 'base64'", param="encoding_format"
         )
-    request = pb.EmbedRequest(model=str(payload.get("model") or ""), prompt=texts, normalize=True)
+    request = pb.EmbedRequest(model=_text(payload, "model"), prompt=texts, normalize=True)
     return request, str(encoding), _integer(payload, "dimensions")
 
 

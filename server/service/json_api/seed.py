@@ -150,6 +150,7 @@ def model_list(response: pb.ListModelsResponse) -> dict[str, Any]:
                 "max_new_tokens": m.max_new_tokens,
                 "context_length": m.context_length,
                 "max_batch_prompts": m.max_batch_prompts,
+                "max_input_chars": m.max_input_chars,
             }
             for m in response.data
         ],

@@ -1,0 +1,132 @@
+"""A streamed JSON chat that waits in the queue sends SSE comments until its first token.
+
+A real server with the real chat model and one generation slot, so that a second request queues
+behind a long first one; the heartbeat interval is tiny, and everything is counted, not timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from google.api.httpbody_pb2 import HttpBody
+
+from glm.v1 import glm_service_pb2 as pb
+from glm.v1 import glm_service_pb2_grpc as pb_grpc
+from glm.v1 import http_gateway_pb2_grpc as gw_grpc
+from server.app import GlmApp
+from server.domain import ModelKind
+from server.engine.chat import ChatEngine
+from server.service.http_gateway import STATUS_HEADER
+from server.service.json_api.common import SSE_DONE, SSE_HEARTBEAT
+from tests.conftest import default_specs, make_settings
+
+LONG = pb.ChatRequest(
+    messages=[pb.ChatMessage(role="user", content="Tell me a very long story about a dragon.")],
+    temperature=0,
+    max_tokens=1000,
+)
+SHORT = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 3}
+
+
+@pytest.fixture(scope="module")
+async def one_slot_app() -> AsyncIterator[GlmApp]:
+    """The chat model alone, one sequence at a time, a waiting line, heartbeats every 20 ms."""
+    specs = tuple(
+        dataclasses.replace(s, max_concurrent=1, max_waiting=4)
+        for s in default_specs()
+        if s.kind is ModelKind.CHAT
+    )
+    app = GlmApp(make_settings(sse_heartbeat_s=0.02), specs=specs)
+    await app.start()
+    await app.load_models()
+    yield app
+    await app.stop(grace=1.0)
+
+
+@pytest.fixture
+async def channel(one_slot_app: GlmApp) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{one_slot_app.port}") as ch:
+        yield ch
+
+
+def engine(app: GlmApp) -> ChatEngine:
+    return app.registry.chat("")[1]
+
+
+async def occupy_the_slot(channel: grpc.aio.Channel) -> Any:
+    """A long generation that holds the only slot (its first chunk has arrived)."""
+    call = pb_grpc.GlmServiceStub(channel).Chat(LONG)
+    await anext(call.__aiter__())
+    return call
+
+
+@pytest.mark.parametrize("method", ["SeedChat", "OpenAiChatCompletions"])
+async def test_a_queued_stream_sends_heartbeats_then_its_events(
+    channel: grpc.aio.Channel, one_slot_app: GlmApp, method: str
+) -> None:
+    first = await occupy_the_slot(channel)
+    body = dict(SHORT, stream=True)
+    call = getattr(gw_grpc.HttpGatewayServiceStub(channel), method)(
+        HttpBody(content_type="application/json", data=json.dumps(body).encode())
+    )
+    replies = call.__aiter__()
+    try:
+        heartbeats = [await anext(replies) for _ in range(3)]
+        # Queued: the status line is out (200) and only comments have been sent so far.
+        assert dict(await call.initial_metadata()).get(STATUS_HEADER) == "200"
+        assert [h.data for h in heartbeats] == [SSE_HEARTBEAT] * 3
+        assert all(h.content_type == "text/event-stream" for h in heartbeats)
+        assert engine(one_slot_app).stats.waiting == 1
+    finally:
+        first.cancel()  # the slot frees, the queued request starts
+    rest = [r.data async for r in replies]
+    events = [d for d in rest if d != SSE_HEARTBEAT]
+    assert events[-1] == SSE_DONE
+    assert all(d.startswith(b"data: {") for d in events[:-1])
+    # No heartbeat once the first token is out.
+    assert SSE_HEARTBEAT not in rest[rest.index(events[0]) :]
+
+
+async def test_a_request_refused_while_queued_keeps_its_status(
+    channel: grpc.aio.Channel, one_slot_app: GlmApp
+) -> None:
+    # Checks run before a request waits: an invalid one is refused with its status, no 200.
+    first = await occupy_the_slot(channel)
+    try:
+        gateway = gw_grpc.HttpGatewayServiceStub(channel)
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}
+        call = gateway.SeedChat(HttpBody(data=json.dumps(body).encode()))
+        replies = [r async for r in call]
+        assert dict(await call.initial_metadata()).get(STATUS_HEADER) == "400"
+        assert "max_new_tokens" in json.loads(replies[0].data)["error"]["message"]
+    finally:
+        first.cancel()
+
+
+async def test_a_client_leaving_while_queued_gives_its_place_back(
+    channel: grpc.aio.Channel, one_slot_app: GlmApp
+) -> None:
+    first = await occupy_the_slot(channel)
+    try:
+        call = gw_grpc.HttpGatewayServiceStub(channel).SeedChat(
+            HttpBody(data=json.dumps(SHORT).encode())
+        )
+        replies = call.__aiter__()
+        assert (await anext(replies)).data == SSE_HEARTBEAT
+        assert engine(one_slot_app).stats.waiting == 1
+        call.cancel()
+        for _ in range(6000):  # a minute at most; the server sees the cancellation at once
+            if not engine(one_slot_app).stats.waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert engine(one_slot_app).stats.waiting == 0
+    finally:
+        first.cancel()
+    async with asyncio.timeout(60):
+        await engine(one_slot_app).wait_idle()
