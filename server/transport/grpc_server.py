@@ -1,17 +1,20 @@
-"""Builds the grpc.aio server: GlmService, health, reflection and the error interceptor."""
+"""Builds the grpc.aio server: GlmService, health, reflection, the error and auth interceptors."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection as grpc_reflection
 
 from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
 from glm.v1 import http_gateway_pb2 as gw
 from glm.v1 import http_gateway_pb2_grpc as gw_grpc
 from server.metrics import Metrics
+from server.transport.auth import AuthInterceptor
 from server.transport.errors import ErrorInterceptor
 
 GLM_SERVICE = pb.DESCRIPTOR.services_by_name["GlmService"].full_name
@@ -48,13 +51,20 @@ def build_server(
     max_message_bytes: int,
     gateway: gw_grpc.HttpGatewayServiceServicer | None = None,
     metrics: Metrics | None = None,
+    auth: AuthInterceptor | None = None,
+    reflection: bool = True,
 ) -> grpc.aio.Server:
     """A server with every service registered and no port bound yet.
 
     With `metrics`, every glm.* call is counted and timed in it (see server/transport/errors.py).
+    With `auth`, every glm.* call needs an API key (server/transport/auth.py); it runs inside
+    the error interceptor, so refused calls are logged and counted like the others.
     """
+    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [ErrorInterceptor(metrics)]
+    if auth is not None:
+        interceptors.append(auth)
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(metrics)],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -67,12 +77,13 @@ def build_server(
     if gateway is not None:
         gw_grpc.add_HttpGatewayServiceServicer_to_server(gateway, server)  # type: ignore[no-untyped-call]
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
-    reflection.enable_server_reflection(
-        (
-            GLM_SERVICE,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
+    if reflection:
+        grpc_reflection.enable_server_reflection(
+            (
+                GLM_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                grpc_reflection.SERVICE_NAME,
+            ),
+            server,
+        )
     return server
