@@ -87,7 +87,7 @@ def read_material(files: TlsFiles) -> TlsMaterial:
         if files.client_ca is not None:
             try:
                 context.load_verify_locations(cafile=str(files.client_ca))
-            except ssl.SSLError as exc:
+            except (OSError, ssl.SSLError) as exc:
                 message = f"cannot load the client CA file {files.client_ca}: {exc}"
                 raise TlsFilesError(message) from exc
             ca = files.client_ca.read_bytes()
