@@ -43,7 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ),
     )
     parser.add_argument(
-        "--only", choices=("chat", "embed", "streams", "envoy", "all"), default="all"
+        "--only", choices=("chat", "embed", "streams", "envoy", "security", "all"), default="all"
     )
     parser.add_argument(
         "--tokens", type=int, default=defaults.CHAT_TOKENS, help="chat tokens (%(default)s)"
@@ -353,6 +353,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(f"error: {exc}")
             return 1
         metrics += envoy_metrics
+    if args.only in ("security", "all"):  # keys + TLS against plaintext (bench/security.py)
+        from bench.security import bench_security
+
+        try:
+            results["security"], security_metrics = bench_security(
+                tokens=args.tokens, repeats=args.repeats, say=say
+            )
+        except RuntimeError as exc:
+            say(f"error: {exc}")
+            return 1
+        metrics += security_metrics
     results["metrics"] = [m.as_dict() for m in metrics]
     took = time.monotonic() - started
     say(f"the bench took {took:.0f} s")
