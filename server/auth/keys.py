@@ -215,8 +215,7 @@ class KeyStore:
 
 
 def _toml_string(value: str) -> str:
-    # Names and model ids are checked to need no escaping beyond what JSON-style escapes do,
-    # which TOML basic strings share.
+    # A TOML basic string; callers pass printable text only (no control characters to escape).
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
