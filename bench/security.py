@@ -50,6 +50,8 @@ WARMUP_CALLS = 20
 CHAT_TOKENS = 128
 REPEATS = 3
 START_TIMEOUT_S = 600.0
+# A stream's deadline: long, since a busy machine can slow generation many times over.
+STREAM_TIMEOUT_S = 1800.0
 
 CHAT_RATIO_TARGET = Target(">=", 0.95)
 TOKENIZE_RATIO_TARGET = Target("<", 1.15)
@@ -257,12 +259,15 @@ def json_call(
 
 def grpc_chat_tok_s(client: GlmClient, tokens: int) -> float:
     started = time.perf_counter()
-    result = client.chat_text([("user", CHAT_PROMPT)], temperature=0.0, max_tokens=tokens)
+    result = client.chat_text(
+        [("user", CHAT_PROMPT)], temperature=0.0, max_tokens=tokens, timeout=STREAM_TIMEOUT_S
+    )
     return result.usage.completion_tokens / (time.perf_counter() - started)
 
 
 def sse_chat_tok_s(setup: Setup, tokens: int) -> float:
     conn = setup.http()
+    conn.timeout = STREAM_TIMEOUT_S
     payload = {
         "messages": [{"role": "user", "content": CHAT_PROMPT}],
         "temperature": 0,
@@ -404,6 +409,7 @@ def run_security(
                 say(f"security: {rpc}: {calls} calls per path, {len(paths)} paths taking turns")
                 measured = measure(paths, calls)
                 latency |= {name: measured.median_ms(name) for name in paths}
+                say("  medians: " + ", ".join(f"{n} {latency[n]:.3f} ms" for n in paths))
 
             say(f"security: chat: {repeats} x 4 streams of {tokens} greedy tokens, taking turns")
             grpc_chat_tok_s(clients["plaintext"][0], 8)  # warm
@@ -428,6 +434,7 @@ def run_security(
                 order.shuffle(runs)
                 for name, run in runs:
                     chat.setdefault(name, []).append(run())
+                    say(f"  {name}: {chat[name][-1]:.1f} tok/s")
         busy = load.cores_between(before, load.snapshot())
     return SecurityResult(
         latency, {name: statistics.median(rates) for name, rates in chat.items()}, busy, mtls
