@@ -10,6 +10,10 @@ with trustme. Then, interleaved call by call so that both see the same machine l
   route through Envoy (one kept-alive http.client connection, HTTP/1.1 or HTTPS);
 - chat: tokens/s of greedy streams, gRPC direct and SSE through Envoy, the setups taking turns.
 Each secure figure is printed with its plaintext twin and their ratio.
+
+Both servers run with OMP_WAIT_POLICY=PASSIVE: side by side on a small machine, each one's
+OpenMP threads would otherwise spin on the cores after every call and slow the other's next
+call, which the turns give to the other server every time.
 """
 
 from __future__ import annotations
@@ -119,6 +123,7 @@ def _start(name: str, folder: Path, settings: dict[str, str]) -> Setup:
         os.environ,
         GLM_GRPC_ADDRESS=f"127.0.0.1:{grpc_port}",
         GLM_HTTP_PORT=str(http_port),
+        OMP_WAIT_POLICY="PASSIVE",
         **settings,
     )
     with log.open("wb") as out:
