@@ -306,7 +306,7 @@ class KVSlotCache(Cache):  # type: ignore[misc]  # transformers is untyped here
         checked: bool = False,
         position_bytes: int = 0,
         layer_devices: Sequence[torch.device] = (),
-        free_memory: Callable[[torch.device], int | None] = available_bytes,
+        free_memory: Callable[[torch.device], int | None] | None = None,
     ) -> None:
         super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
         self.capacity = (0, 0)
@@ -349,7 +349,7 @@ class KVSlotCache(Cache):  # type: ignore[misc]  # transformers is untyped here
         """What a device lacks to hold (rows, length) in every layer; None when all have it."""
         have_rows, have_len = self.capacity
         for device, layers in self._layers_on.items():
-            available = self._free_memory(device)
+            available = (self._free_memory or available_bytes)(device)
             if available is None:
                 continue
             new = layers * self._position_bytes * rows * length
@@ -382,6 +382,11 @@ class KVSlotCache(Cache):  # type: ignore[misc]  # transformers is untyped here
         for layer in self._layers():
             layer.resize(rows, length)
         self.capacity = (rows, length)
+
+    @property
+    def layers_on(self) -> dict[torch.device, int]:
+        """How many layers keep their keys and values on each device."""
+        return dict(self._layers_on)
 
     @property
     def nbytes(self) -> int:
