@@ -57,6 +57,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Version checks: the runtime's pins (the weights packages are checked when present).
 PINNED_FILES = ("requirements.txt", "requirements-models.txt")
 GIB = 1 << 30
+# How a re-run in the virtualenv the install made learns how the install went.
+_INSTALLED_ENV = "GLM_GPU_CHECK_INSTALLED"
 
 # SmolLM2-135M's architecture (its config.json): random weights of the default chat model's size.
 SMOLLM2_VOCAB = 49152
@@ -120,8 +122,9 @@ def version_check() -> dict[str, Any]:
     return rows
 
 
-def install(pip_args: list[str]) -> tuple[dict[str, Any], Path]:
-    """pip-install the pinned packages; returns the section's report and the Python to run."""
+def install(pip_args: list[str]) -> tuple[dict[str, Any], Path | None]:
+    """pip-install the pinned packages; returns the section's report and the Python to run the
+    checks with when it is not this one (a virtualenv made or found at .venv)."""
     in_venv = sys.prefix != sys.base_prefix
     python = Path(sys.executable) if in_venv else ROOT / ".venv" / "bin" / "python"
     report: dict[str, Any] = {"python": str(python)}
@@ -132,7 +135,7 @@ def install(pip_args: list[str]) -> tuple[dict[str, Any], Path]:
     subprocess.run([*pip, "-r", str(ROOT / "requirements.txt")], check=True)
     # The weights packages pin runtimes glm-api does not use: only their files are read.
     subprocess.run([*pip, "--no-deps", "-r", str(ROOT / "requirements-models.txt")], check=True)
-    return report, python
+    return report, None if in_venv else python
 
 
 # -- sections ----------------------------------------------------------------------------------
@@ -909,27 +912,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    reports: list[dict[str, Any]] = []
     if not args.no_install:
         started = time.monotonic()
+        python: Path | None = None
         try:
             report, python = install(args.pip_args.split())
             report |= {"section": "install", "ok": True}
-        except Exception as exc:
-            report, python = (
-                {"section": "install", "ok": False, "error": str(exc)},
-                Path(sys.executable),
-            )
+        except Exception as exc:  # the checks still run, with what is importable
+            report = {"section": "install", "ok": False, "error": f"{type(exc).__name__}: {exc}"}
         report["seconds"] = round(time.monotonic() - started, 1)
         print(json.dumps(report), flush=True)
-        if python.resolve() != Path(sys.executable).resolve() and python.exists():
-            rest = [a for a in (argv if argv is not None else sys.argv[1:])]
-            os.execv(
-                str(python), [str(python), str(Path(__file__).resolve()), *rest, "--no-install"]
-            )
+        if python is not None:
+            # The checks run in the virtualenv; the install's line goes into its summary.
+            os.environ[_INSTALLED_ENV] = json.dumps(report)
+            given = sys.argv[1:] if argv is None else argv
+            script = str(Path(__file__).resolve())
+            os.execv(str(python), [str(python), script, *given, "--no-install"])
+        reports.append(report)
+    elif os.environ.get(_INSTALLED_ENV):
+        reports.append(json.loads(os.environ.pop(_INSTALLED_ENV)))
     sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
-    ctx = Context(args.device, args.quick, time.monotonic() + args.budget_s)
+    device = "cuda:0" if args.device == "cuda" else args.device
+    ctx = Context(device, args.quick, time.monotonic() + args.budget_s)
     chosen = {s for s in args.only.split(",") if s}
-    reports = []
     for section in SECTIONS:
         if chosen and section.name not in chosen:
             continue
