@@ -8,7 +8,8 @@ sequence's prompt in its own row, or (a shared prefill pass) a chunk of each of 
 sequences in one row of the pass, each token written to its own slot. The caller's 4-D additive
 attention mask says, per row, which positions hold that row's tokens (transformers models use a
 caller's 4-D mask as it is), and the position ids say where each new token is, so rows of
-different lengths need no shifting.
+different lengths need no shifting. On a GPU (server/engine/device_profile.py) a prompt chunk
+takes no mask: its attention is a causal kernel over exactly its slot's positions so far.
 
 Why not `DynamicCache` with left padding: it cannot take a new sequence into a running batch or
 drop one without rebuilding every layer's tensors, and shifting a sequence changes the attention's
@@ -34,8 +35,9 @@ computation a row goes through gives bit-identical results whatever the other ro
 - Prefill: chunks' boundaries depend only on their prompt (server/engine/scheduler.py). A chunk
   shares a pass only when it is at least `shared_prefill_min_tokens` long, the pass size from
   which the linear layers give a row the same bits whatever the size (probed when the batch is
-  opened); its attention is one SDPA call over its own slot, with the shapes and mask it has
-  alone. So a chunk is computed the same way alone or shared, whatever else runs.
+  opened); its attention is one SDPA call over its own slot, with the shapes and mask (or, on a
+  GPU, the causal kernel) it has alone. So a chunk is computed the same way alone or shared,
+  whatever else runs.
 A seeded sampled request is reproducible in a batch for the same reason.
 """
 
