@@ -575,7 +575,7 @@ def _profile_counts(ctx: Context, step: Callable[[], Any], steps: int) -> dict[s
         if name.startswith("aten::"):
             aten += 1
         if ctx.cuda and str(getattr(event, "device_type", "")).endswith("CUDA"):
-            device_us += event.device_time
+            device_us += event.device_time_total
     counts = {
         "kernel_launches": launches / steps,
         "syncs": syncs / steps,
