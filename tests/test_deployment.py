@@ -615,7 +615,7 @@ def test_envoy_configs_carry_the_edge_hardening() -> None:
             "request_headers_timeout: 10s",
             "max_concurrent_streams: 100",
             "max_headers_count: 100",
-            "max_request_headers_kb: 60",
+            "max_request_headers_kb: 16",
             "per_connection_buffer_limit_bytes: 32768",
             "use_remote_address: true",
         ):
