@@ -30,7 +30,7 @@ Usage (from the project root)::
 
 Exit status: 1 when a section failed to run (or, with --strict, when a check failed), else 0.
 Checks that fail are findings to read, not errors: on a GPU the engine promises less than on a
-CPU (README, "Devices").
+CPU (docs/configuration.md, "Devices").
 """
 
 from __future__ import annotations
