@@ -63,7 +63,7 @@ class Settings:
     # would otherwise close a stream that has sent nothing yet. 0 sends none.
     sse_heartbeat_s: float = 15.0
 
-    # -- security (README "Security") --------------------------------------------------------
+    # -- security (docs/security.md) ----------------------------------------------------------
     # "auto": API keys are required when api_keys_file is set; without one, only loopback
     # addresses may be served (protected mode). "keys": a keys file is required. "none": no
     # authentication, even on a public address (an explicit opt-out).
