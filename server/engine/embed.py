@@ -1,39 +1,12 @@
 """Token-budget batching of Embed calls: concurrent requests share forward passes.
 
-One worker task per embedding model. It takes the first waiting request and waits for more while
-they keep coming: until `max_batch_size` prompts wait, or no new request arrived for `IDLE_S`, or
-`max_wait_s` passed since the first. Concurrent clients' calls reach the event loop one by one,
-a fraction of a millisecond apart, so a burst of 32 takes several milliseconds to arrive; a fixed
-short wait cut it into two passes, and a fixed long one would delay every lone request. Then it
-takes every waiting request as one round:
-
-1. It counts the tokens of the round's prompts (after truncation to the model's max_input_tokens,
-   as the model will see them), in one tokenizer call, and plans the passes, on a worker thread.
-   The same call cuts long prompts to little more than the model reads (EmbeddingModel.clip),
-   so that the passes, which may run on the chat scheduler's thread, tokenize no more.
-2. It sorts the prompts of all the round's requests by length and cuts them into forward passes
-   of neighbours: a pass holds at most `max_batch_size` prompts and `rows x longest row` (the
-   tokens a padded batch computes) stays within `max_batch_tokens`. A model that batches without
-   padding (`EmbeddingModel.pads_batches` false: server/models/packed_encoder.py) pays only for
-   real tokens, so its round is cut into as few passes as those limits allow. For one that pads,
-   the cut minimises what the round costs: every pass pays a fixed part (reading the weights),
-   measured at start-up, and one part per padded token, so a round of short and long prompts
-   becomes two passes when the padding it saves is worth more than the second pass
-   (all-MiniLM-L6-v2 padded, on 2 cores: a 32-sentence round of 11-27 tokens runs 3-5% faster
-   cut in two; one 256-token prompt among 31 short ones, 10x faster). A request with more
-   prompts than a pass holds is spread over several passes, and a single prompt longer than the
-   budget runs alone.
-3. It runs the passes one after another: `encode` on the chat scheduler's thread between its
-   steps where there is one (so that one OpenMP team runs all model work; see
-   server/engine/threads.py), else on a fresh thread. Each request gets its rows, in its own
-   input order, as soon as its last row is done, so small requests are answered early, unless
-   the whole round would have fit one padded pass: then every request is answered at the end
-   of the round (see `_plan_round`).
-
-Requests that arrive during a round wait for the next one (at most one round: a round only holds
-what was waiting when it began). A caller that leaves (cancelled, deadline) gives up its rows not
-yet embedded. Past `max_waiting_prompts` prompts accepted and not yet embedded, a new request is
-refused at once with RESOURCE_EXHAUSTED.
+One worker task per embedding model gathers a round (until `max_batch_size` prompts wait, no new
+request came for `IDLE_S`, or `max_wait_s` passed), counts its tokens once, sorts the prompts by
+length and cuts them into passes within `max_batch_tokens` (for a model that pads, where the
+padding saved is worth more than another pass), then runs the passes on the chat scheduler's
+thread between its steps where there is one. Each request is answered when its last row is done.
+Past `max_waiting_prompts` a request is refused with RESOURCE_EXHAUSTED. Why each choice:
+docs/architecture.md, "The embedding engine".
 """
 
 from __future__ import annotations

@@ -1,21 +1,9 @@
 """Model work off the event loop: on a thread of its own that ends with the call, or handed to
 a long-lived thread that runs it (`run_via`: the chat scheduler's, between its steps).
 
-Why not `asyncio.to_thread`: its pool threads live on, and PyTorch's CPU builds use GNU OpenMP,
-where every thread that has run a parallel region keeps a team of worker threads for good. Once
-a process holds more such threads than it has CPUs, libgomp lets idle workers spin only ~100
-times before they sleep (instead of ~3 ms), so each of the hundreds of small parallel regions of
-a forward pass pays for waking a sleeping worker. Measured on 2 cores with SmolLM2: the chat
-scheduler's decode step went from 40 ms to 70-90 ms once a pool thread had run one model pass
-(loading, warm-up or an embedding batch). A thread that ends takes its team with it, but while
-it runs, its own team and the scheduler's are two, and its pass is throttled so: an embedding
-pass of 32 sentences took 15-20% longer on a fresh thread beside the scheduler's team than on
-the thread that owns the only team (in-process; the embedding benchmark served 7% more
-sentences a second with the passes moved there). So where a chat scheduler runs, the other
-model work runs on its thread (server/engine/registry.py), and fresh threads serve the rest
-(loading, warm-up, a process without a chat model).
-
-Starting a thread costs tens of microseconds, nothing next to a model call.
+Not `asyncio.to_thread`: with GNU OpenMP every thread that ran a parallel region keeps its own
+worker team, and more teams than CPUs make every small parallel region of a decode step pay for
+waking sleeping workers. Why and what it cost: docs/architecture.md, "Concurrency and threading".
 """
 
 from __future__ import annotations

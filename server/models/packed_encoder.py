@@ -1,23 +1,11 @@
 """Unpadded ("packed") forward passes for the encoder of a sentence-transformers pipeline.
 
-sentence-transformers pads every text of a batch to the batch's longest, and the encoder's linear
-layers, which are most of its work, then compute every padding position too. Here the texts'
-real tokens are laid end to end in one row instead, each with its own position ids, so the
-linear layers, layer norms and activations see only real tokens. Attention is the one step where
-texts must not mix: it gathers each text's queries, keys and values into a padded
-(texts, heads, longest, head_dim) block, runs one SDPA call with a key mask, and scatters the
-result back. Pooling and normalization then run per text on the packed rows.
-
-Measured with all-MiniLM-L6-v2 on 2 CPU cores, rounds of 32 of the benchmark's sentences (11-27
-tokens, 18.6 on average): `encode` 113-124 ms a round, packed 99-100 ms (1.13-1.24x), the
-vectors within 3e-8 of each other. Text-embeddings-inference does the same on GPUs with
-variable-length flash attention.
-
-Where it applies: a pipeline of [Transformer, Pooling (mean or CLS), Normalize (optional)] whose
-encoder calls attention through transformers' attention-function registry (BERT and most
-encoders in transformers 5) and accepts position ids. Anything else keeps sentence-transformers'
-own padded `encode`, and so does a model whose packed vectors differ from `encode`'s on a check
-run when it loads (a model with other position ids, for one): `PackedEncoder.build` says why.
+The texts' real tokens are laid end to end in one row, each with its own position ids, so the
+linear layers, norms and activations compute no padding; only attention gathers each text into a
+padded block with a key mask. It applies to [Transformer, Pooling (mean or CLS), Normalize] pipelines
+whose encoder uses transformers' attention registry; `PackedEncoder.build` checks the vectors
+against `encode` at load and says why when it declines. Design: docs/architecture.md,
+"Unpadded (packed) passes".
 """
 
 from __future__ import annotations
