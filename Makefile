@@ -16,6 +16,9 @@ DESCRIPTOR := gen/glm_v1.binpb
 # Extra pip arguments, e.g. PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu".
 PIP_ARGS ?=
 PYTEST_ARGS ?=
+# The inner-loop tier: unit tests and in-process tests on tiny checkpoints the tests build.
+FAST_TESTS := tests/unit tests/integration/test_chatglm3_weights.py \
+  tests/integration/test_chatglm3_tokenizer.py tests/integration/test_text2vec.py
 # Arguments of `python -m bench`, e.g. BENCH_ARGS="--only streams".
 BENCH_ARGS ?=
 # The results docs/performance.md is generated from (`make perf-doc`).
@@ -33,7 +36,7 @@ JAVA_JARS := grpc-api grpc-context grpc-core grpc-netty grpc-protobuf grpc-proto
 empty :=
 JAVA_CP := $(subst $(empty) $(empty),:,$(patsubst %,/usr/share/java/%.jar,$(JAVA_JARS)))
 
-.PHONY: help setup gen gen-check lint buf-lint buf-breaking fmt run run-grpc envoy-config test bench perf-doc clean \
+.PHONY: help setup gen gen-check lint buf-lint buf-breaking fmt run run-grpc envoy-config test test-fast bench perf-doc clean \
   toolchains gen-ts gen-go gen-cpp gen-java client-ts client-go client-cpp client-java clients
 
 help: ## List the targets.
@@ -92,6 +95,9 @@ envoy-config: $(STAMP) ## Regenerate envoy/envoy.compose.yaml (the config docker
 
 test: $(STAMP) ## Run the test suite (real models, real servers on free ports).
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## Run the fast tier (unit tests, tiny in-process models): the inner loop.
+	$(PY) -m pytest $(FAST_TESTS) $(PYTEST_ARGS)
 
 bench: $(STAMP) ## Run the benchmarks and print their ratios (BENCH_ARGS="--only streams").
 	$(PY) -m bench $(BENCH_ARGS)

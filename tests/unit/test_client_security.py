@@ -1,4 +1,4 @@
-"""The clients' API key and TLS options (the calls themselves: tests/test_auth.py)."""
+"""The clients' API key and TLS options (the calls themselves: tests/integration/test_auth.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """How the embedding batcher cuts a round of prompts into forward passes, and how it measures
 what a pass costs. Pure logic on token counts and a fake model with a fake clock; the real
 model's side (results equal one-by-one encode, the split of a mixed round) is tested in
-tests/test_embed_batching.py."""
+tests/integration/test_embed_batching.py."""
 
 from __future__ import annotations
 

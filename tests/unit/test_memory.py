@@ -1,7 +1,7 @@
 """MemoryReleaser: a trim a moment after a large request, one for a burst, none for small ones.
 
 The trim function is a stand-in that counts its calls: malloc_trim's effect on the resident size
-is measured with a real server process in tests/test_memory.py.
+is measured with a real server process in tests/process/test_memory.py.
 """
 
 from __future__ import annotations

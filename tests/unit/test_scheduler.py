@@ -1,6 +1,6 @@
 """The scheduler's step logic on a fake batch: which prompt chunks share a prefill pass, and the
 short wait for more requests when it wakes from idle. The real model's side of the same logic
-(bit-identical results, shared passes under load) is tested in tests/test_batching.py."""
+(bit-identical results, shared passes under load): tests/integration/test_batching.py."""
 
 from __future__ import annotations
 

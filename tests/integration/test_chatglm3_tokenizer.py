@@ -19,7 +19,11 @@ from server.models.chatglm3_prompt import (
     build_prompt_ids,
 )
 from server.models.chatglm3_tokenizer import SPECIAL_TOKENS, ChatGLM3Tokenizer
-from tests.test_chatglm3_weights import SP_VOCAB_SIZE, chatglm3_spec, train_sentencepiece
+from tests.integration.test_chatglm3_weights import (
+    SP_VOCAB_SIZE,
+    chatglm3_spec,
+    train_sentencepiece,
+)
 
 TOOLS = [
     {
@@ -181,7 +185,7 @@ def test_pieces_and_encode_agree(tok: ChatGLM3Tokenizer) -> None:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory, sp_model: bytes) -> Any:
     from server.models.chatglm3 import ChatGLM3Model
-    from tests.test_chatglm3_weights import write_tiny_chatglm3
+    from tests.integration.test_chatglm3_weights import write_tiny_chatglm3
 
     folder = tmp_path_factory.mktemp("chatglm3")
     write_tiny_chatglm3(folder / "ckpt", tokenizer_model=sp_model)

@@ -28,7 +28,7 @@ from glm.v1 import glm_service_pb2_grpc as pb_grpc
 from server.settings import DEFAULT_CONFIG
 from tests.conftest import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LARGE_CHARS = 2 * 1024 * 1024
 # How far above its level before the large requests the server may stay, in MiB.
 RETURN_BOUND_MIB = 150

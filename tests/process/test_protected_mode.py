@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.conftest import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_server(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:

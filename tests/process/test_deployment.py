@@ -42,7 +42,7 @@ from gateway.envoy_config import (
 from server.settings import Settings, load_settings
 from tests.certs import make_certs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE_FILE = ROOT / "docker-compose.yml"

@@ -18,7 +18,7 @@ import pytest
 from clients import GlmClient, GlmClientError
 from tests.conftest import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 

@@ -20,15 +20,15 @@ from server.models.chatglm3_prompt import PromptMessage, build_prompt_ids
 from server.models.chatglm3_tokenizer import ChatGLM3Tokenizer
 from server.settings import DEFAULT_CONFIG
 from tests.conftest import make_settings
-from tests.test_chatglm3_weights import (
+from tests.integration.test_chatglm3_weights import (
     SP_VOCAB_SIZE,
     chatglm3_spec,
     train_sentencepiece,
     write_tiny_chatglm3,
 )
-from tests.test_text2vec import TEXTS, bert_spec, mean_pooled, write_tiny_bert
+from tests.integration.test_text2vec import TEXTS, bert_spec, mean_pooled, write_tiny_bert
 
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 @dataclasses.dataclass

@@ -29,8 +29,12 @@ from server.errors import ResourceExhaustedError
 from server.models.chatglm3 import one_gpu_for
 from tests.conftest import make_settings
 from tests.devices import gpu_param, needs_gpus
-from tests.test_batching import full_forward_logits, tiny_llama, token_ids
-from tests.test_chatglm3_weights import chatglm3_spec, train_sentencepiece, write_tiny_chatglm3
+from tests.integration.test_batching import full_forward_logits, tiny_llama, token_ids
+from tests.integration.test_chatglm3_weights import (
+    chatglm3_spec,
+    train_sentencepiece,
+    write_tiny_chatglm3,
+)
 
 # -- half precision serves -------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.py"
 SECTIONS = [
     "environment",
     "op_invariance",

@@ -12,7 +12,7 @@ import torch
 from bench.models import embed_model_folder
 from server.models.packed_encoder import ATTENTION, PackedEncoder
 from tests.devices import VECTOR_ATOL, gpu_param, vector_atol
-from tests.test_text2vec import TEXTS, TINY_ENCODER, WORDS, bert_spec, write_tiny_bert
+from tests.integration.test_text2vec import TEXTS, TINY_ENCODER, WORDS, bert_spec, write_tiny_bert
 
 # Lengths from 3 tokens to past the model's 256-token limit, an empty text among them.
 MIXED = [
