@@ -7,7 +7,7 @@ and to protobuf, the model layer from and to tensors.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,25 +123,6 @@ class GenerationEvent:
     usage: Usage | None = None
     # Set on the last event when the reply is a tool call (finish_reason FUNCTION_CALL).
     function_call: FunctionCall | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class EmbedRequest:
-    """A validated request for the embeddings of some texts."""
-
-    model: str
-    texts: tuple[str, ...]
-    normalize: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class EmbedResult:
-    """One vector per text, in the order of the texts."""
-
-    model: str
-    vectors: Sequence[Sequence[float]]
-    dimensions: int
-    prompt_tokens: int
 
 
 @dataclass(frozen=True, slots=True)

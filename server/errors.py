@@ -1,7 +1,7 @@
 """Errors that requests can cause, and what each means on every transport: the one mapping.
 
 Each class names the failure a client must act on, and carries the gRPC status name, the HTTP
-status and the error type that the transports report for it (server/transport/errors.py for
+status and the error type that the transports report for it (server/transport/interceptor.py for
 gRPC, server/service/json_api for the JSON routes). Anything else that escapes is a bug.
 """
 

@@ -3,7 +3,7 @@
 Three pieces, each usable without the others:
 
 - `CallRecord`: what one RPC did (request id, model, tokens in and out, time of its first token).
-  The transport interceptor opens one per call (server/transport/errors.py) and makes it the
+  The transport interceptor opens one per call (server/transport/interceptor.py) and makes it the
   `current_call()` of the call's task; the service fills it in as it learns things; the
   interceptor reads it back for the request log line and the RPC metrics.
 - `EngineObserver`: the hooks an engine calls as it works (one call per forward pass). The base

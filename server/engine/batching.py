@@ -12,7 +12,6 @@ implementations:
 
 from __future__ import annotations
 
-import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 
@@ -20,9 +19,7 @@ import torch
 
 from server.models.base import ChatModel, KVCache
 
-log = logging.getLogger(__name__)
-
-__all__ = ["ForwardLoopBatch", "SequenceBatch", "open_batch"]
+__all__ = ["ForwardLoopBatch", "SequenceBatch"]
 
 
 class SequenceBatch(ABC):
@@ -109,20 +106,3 @@ class ForwardLoopBatch(SequenceBatch):
     @property
     def decode_rows(self) -> int:
         return self._rows
-
-
-def open_batch(model: ChatModel, max_sequences: int, max_pass_tokens: int = 0) -> SequenceBatch:
-    """The best `SequenceBatch` for `model`: batched when its causal LM supports it.
-
-    `max_pass_tokens`: the most tokens a prefill pass is given (chunks of several prompts share
-    passes up to that size where the model allows it).
-    """
-    causal_lm = model.causal_lm
-    if causal_lm is not None:
-        from server.engine.kv_slots import SlotBatch, unsupported_reason
-
-        reason = unsupported_reason(causal_lm)
-        if reason is None:
-            return SlotBatch(causal_lm, model.device, max_sequences, max_pass_tokens)
-        log.warning("chat model decodes one sequence per forward pass: %s", reason)
-    return ForwardLoopBatch(model, max_sequences)

@@ -59,8 +59,6 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from server.engine.batching import SequenceBatch
 from server.engine.device_profile import DeviceProfile, available_bytes, profile_for
 from server.engine.invariant_linear import (
-    LinearPlan,
-    ShapeKey,
     choose_plans,
     install,
     shared_pass_min_rows,
@@ -485,11 +483,6 @@ class SlotBatch(SequenceBatch):
     @property
     def shared_prefill_min_tokens(self) -> int | None:
         return self._shared_min
-
-    @property
-    def linear_plans(self) -> dict[ShapeKey, LinearPlan]:
-        """How the linear layers run small passes (server/engine/invariant_linear.py)."""
-        return self._linear_plans
 
     @property
     def cache(self) -> KVSlotCache:

@@ -42,8 +42,9 @@ from dataclasses import dataclass, field
 import torch
 
 from server.domain import ChatRequest, FinishReason, GenerationEvent, Usage
-from server.engine.batching import SequenceBatch, open_batch
+from server.engine.batching import ForwardLoopBatch, SequenceBatch
 from server.engine.detokenize import IncrementalDetokenizer
+from server.engine.kv_slots import SlotBatch, unsupported_reason
 from server.engine.sampling import TokenSampler
 from server.engine.stops import StopStringMatcher
 from server.errors import UnavailableError
@@ -61,6 +62,21 @@ ARRIVAL_GAP_S = 0.008
 Item = GenerationEvent | BaseException
 # Reports one forward pass: (phase "prefill" or "decode", sequences, tokens, padded tokens, s).
 StepObserver = Callable[[str, int, int, int, float], None]
+
+
+def open_batch(model: ChatModel, max_sequences: int, max_pass_tokens: int = 0) -> SequenceBatch:
+    """The best `SequenceBatch` for `model`: batched when its causal LM supports it.
+
+    `max_pass_tokens`: the most tokens a prefill pass is given (chunks of several prompts share
+    passes up to that size where the model allows it).
+    """
+    causal_lm = model.causal_lm
+    if causal_lm is not None:
+        reason = unsupported_reason(causal_lm)
+        if reason is None:
+            return SlotBatch(causal_lm, model.device, max_sequences, max_pass_tokens)
+        log.warning("chat model decodes one sequence per forward pass: %s", reason)
+    return ForwardLoopBatch(model, max_sequences)
 
 
 @dataclass(slots=True)

@@ -1,11 +1,11 @@
 """Unpadded ("packed") forward passes for the encoder of a sentence-transformers pipeline.
 
 The texts' real tokens are laid end to end in one row, each with its own position ids, so the
-linear layers, norms and activations compute no padding; only attention gathers each text into a
-padded block with a key mask. It applies to [Transformer, Pooling (mean or CLS), Normalize] pipelines
-whose encoder uses transformers' attention registry; `PackedEncoder.build` checks the vectors
-against `encode` at load and says why when it declines. Design: docs/architecture.md,
-"Unpadded (packed) passes".
+linear layers, norms and activations compute no padding; only attention gathers each text into
+a padded block with a key mask. It applies to [Transformer, Pooling (mean or CLS), Normalize]
+pipelines whose encoder uses transformers' attention registry; `PackedEncoder.build` checks
+the vectors against `encode` at load and says why when it declines. Design:
+docs/architecture.md, "Unpadded (packed) passes".
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from glm.v1 import http_gateway_pb2_grpc as gw_grpc
 from server.memory import MemoryReleaser
 from server.metrics import Metrics
 from server.transport.auth import AuthInterceptor
-from server.transport.errors import ErrorInterceptor
+from server.transport.interceptor import CallInterceptor
 from server.transport.reflection import enable_reflection
 
 GLM_SERVICE = pb.DESCRIPTOR.services_by_name["GlmService"].full_name
@@ -59,11 +59,11 @@ def build_server(
     """A server with every service registered and no port bound yet.
 
     With `metrics`, every glm.* call is counted and timed in it; with `memory`, large calls are
-    followed by giving freed memory back (see server/transport/errors.py). With `auth`, every
+    followed by giving freed memory back (see server/transport/interceptor.py). With `auth`, every
     glm.* call needs an API key (server/transport/auth.py); it runs inside the error
     interceptor, so refused calls are logged and counted like the others.
     """
-    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [ErrorInterceptor(metrics, memory)]
+    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [CallInterceptor(metrics, memory)]
     if auth is not None:
         interceptors.append(auth)
     server = grpc.aio.server(

@@ -1,4 +1,4 @@
-"""The one place where errors become gRPC statuses, as an interceptor around every handler.
+"""The interceptor around every glm.* handler: errors become statuses, calls are logged and counted.
 
 A server.errors exception becomes its status with its message. Anything else is a bug: it is
 logged with its traceback and the client gets INTERNAL with an id to find it in the log.
@@ -16,6 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -146,7 +147,7 @@ else:  # grpc's runtime class is not generic; only its type stubs are
     _Interceptor = grpc.aio.ServerInterceptor
 
 
-class ErrorInterceptor(_Interceptor):
+class CallInterceptor(_Interceptor):
     """Around unary and server-streaming glm.* handlers: errors become statuses, calls are logged.
 
     Each call gets a CallRecord (server/metrics.py) as its `current_call()`, which the service
@@ -159,6 +160,30 @@ class ErrorInterceptor(_Interceptor):
     ) -> None:
         self._metrics = metrics
         self._memory = memory
+
+    @asynccontextmanager
+    async def _handled(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[None]:
+        """One call's life, for both handler shapes: the body runs the handler."""
+        rpc = method.lstrip("/")
+        call = open_call(rpc, _request_id(context))
+        # Whatever ends the call without passing one of the lines below (the task cancelled:
+        # client gone, deadline, shutdown; a stream closed at a yield) is a cancellation.
+        status = grpc.StatusCode.CANCELLED.name
+        try:
+            _check_decoded(request, rpc)
+            yield
+            status = "OK"
+        except grpc.aio.AbortError:
+            status = _aborted_status(context)
+            raise
+        except Exception as exc:
+            status = _status_name(exc)
+            await _abort_for(exc, context, method)
+            raise
+        finally:
+            self._finish(call, status, request)
 
     def _finish(self, call: CallRecord, status: str, request: Any) -> None:
         if self._memory is not None:
@@ -181,7 +206,7 @@ class ErrorInterceptor(_Interceptor):
         method = handler_call_details.method
         if handler is None or not method.startswith("/glm."):
             return handler
-        rpc = method.lstrip("/")
+        deserializer = _tolerant(handler.request_deserializer)
         if handler.unary_unary is not None:
             # grpc-stubs types handler behaviours as synchronous; under grpc.aio they are async.
             unary: Any = handler.unary_unary
@@ -189,28 +214,12 @@ class ErrorInterceptor(_Interceptor):
             async def unary_wrapper(
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> Any:
-                call = open_call(rpc, _request_id(context))
-                # Whatever ends the call without passing one of the lines below (the task
-                # cancelled: client gone, deadline, shutdown) is a cancellation.
-                status = grpc.StatusCode.CANCELLED.name
-                try:
-                    _check_decoded(request, rpc)
-                    response = await unary(request, context)
-                    status = "OK"
-                    return response
-                except grpc.aio.AbortError:
-                    status = _aborted_status(context)
-                    raise
-                except Exception as exc:
-                    status = _status_name(exc)
-                    await _abort_for(exc, context, method)
-                    raise
-                finally:
-                    self._finish(call, status, request)
+                async with self._handled(method, request, context):
+                    return await unary(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_wrapper,
-                request_deserializer=_tolerant(handler.request_deserializer),
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
@@ -219,27 +228,13 @@ class ErrorInterceptor(_Interceptor):
             async def stream_wrapper(
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
-                call = open_call(rpc, _request_id(context))
-                # As above; a stream can also end by being closed at a yield (GeneratorExit).
-                status = grpc.StatusCode.CANCELLED.name
-                try:
-                    _check_decoded(request, rpc)
+                async with self._handled(method, request, context):
                     async for response in streaming(request, context):
                         yield response
-                    status = "OK"
-                except grpc.aio.AbortError:
-                    status = _aborted_status(context)
-                    raise
-                except Exception as exc:
-                    status = _status_name(exc)
-                    await _abort_for(exc, context, method)
-                    raise
-                finally:
-                    self._finish(call, status, request)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream_wrapper,
-                request_deserializer=_tolerant(handler.request_deserializer),
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
