@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import socket
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -14,6 +16,7 @@ from grpc_health.v1 import health_pb2_grpc
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
 from server.app import GlmApp
 from server.config import ModelSpec, load_model_specs
+from server.engine.chat import ChatEngine
 from server.settings import DEFAULT_CONFIG, Settings
 
 
@@ -40,6 +43,15 @@ def free_port() -> int:
 def default_specs(**overrides: object) -> tuple[ModelSpec, ...]:
     """The default config's models, with `overrides` applied to every spec that has those keys."""
     return tuple(dataclasses.replace(s, **overrides) for s in load_model_specs(DEFAULT_CONFIG))  # type: ignore[arg-type]
+
+
+async def engine_idle(engine: ChatEngine, within_s: float) -> None:
+    """Return once no sequence runs on `engine` (its public stats); fail after `within_s` s."""
+    deadline = time.monotonic() + within_s
+    while engine.stats.running:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the chat engine is still busy: {engine.stats}")
+        await asyncio.sleep(0.01)
 
 
 def make_settings(**overrides: object) -> Settings:

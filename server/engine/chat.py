@@ -72,8 +72,6 @@ class ChatEngine:
         self._places = asyncio.Semaphore(max_concurrent)
         self._waiting = 0
         self._running = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._closed = False
 
         def report(phase: str, sequences: int, tokens: int, padded: int, seconds: float) -> None:
@@ -127,10 +125,6 @@ class ChatEngine:
     async def start(self) -> None:
         """Wait until the scheduler can run sequences; raise why it cannot."""
         await asyncio.to_thread(self._scheduler.wait_open)
-
-    async def wait_idle(self) -> None:
-        """Return once no sequence is running (used by tests and shutdown)."""
-        await self._idle.wait()
 
     def shutdown(self) -> None:
         """Stop the scheduler thread after its current step; what still runs fails UNAVAILABLE.
@@ -223,7 +217,6 @@ class ChatEngine:
         # The place is given back when the scheduler has freed the sequence's slot, not when the
         # consumer leaves, so `running` counts the sequences that still hold memory.
         self._running += 1
-        self._idle.clear()
         queue: asyncio.Queue[Item] = asyncio.Queue()
         job = Job(request, prompt_ids, max_new, loop, queue, on_done=self._release)
         self._scheduler.submit(job)
@@ -242,5 +235,3 @@ class ChatEngine:
     def _release(self) -> None:
         self._running -= 1
         self._places.release()
-        if self._running == 0:
-            self._idle.set()

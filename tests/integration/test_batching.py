@@ -34,7 +34,7 @@ from server.engine.chat import ChatEngine
 from server.engine.device_profile import DeviceProfile
 from server.engine.kv_slots import SlotBatch
 from server.settings import DEFAULT_CONFIG
-from tests.conftest import make_settings
+from tests.conftest import engine_idle, make_settings
 from tests.devices import ENGINE_CASES
 
 # -- SlotBatch on tiny models ---------------------------------------------------------------------
@@ -433,7 +433,7 @@ async def test_a_cancelled_sequence_leaves_within_a_step_and_the_others_finish(
     assert await asyncio.gather(*short) == alone[:2]
     assert engine.stats.running == 1
     long_calls[1].cancel()
-    await asyncio.wait_for(engine.wait_idle(), timeout=30)
+    await engine_idle(engine, 30)
     assert engine.stats.running == 0
     # No sequence left: the key/value memory is given back.
     assert engine.cache_bytes == 0
@@ -471,7 +471,7 @@ async def test_queue_deadline_and_backpressure(
         call.cancel()
     for done in await asyncio.gather(*waiting):
         assert done.finish_reason in ("stop", "length")
-    await asyncio.wait_for(engine.wait_idle(), timeout=30)
+    await engine_idle(engine, 30)
     assert engine.stats.running == 0
     assert engine.stats.waiting == 0
 

@@ -17,7 +17,7 @@ from server.config import ModelSpec
 from server.domain import ModelKind
 from server.engine.registry import ModelRegistry, ModelStartupError
 from server.models.loader import load_model
-from tests.conftest import default_specs, make_settings
+from tests.conftest import default_specs, engine_idle, make_settings
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -94,7 +94,7 @@ async def check_backpressure_and_cancellation(app: GlmApp, stub: pb_grpc.GlmServ
     running.cancel()
     chunks = await asyncio.wait_for(waiting_task, timeout=60)
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
-    await asyncio.wait_for(engine.wait_idle(), timeout=30)
+    await engine_idle(engine, 30)
     assert engine.stats.running == 0
     assert engine.stats.waiting == 0
 
@@ -108,7 +108,7 @@ async def check_backpressure_and_cancellation(app: GlmApp, stub: pb_grpc.GlmServ
     assert engine.stats.waiting == 0
     assert engine.stats.running == 1
     running.cancel()
-    await asyncio.wait_for(engine.wait_idle(), timeout=30)
+    await engine_idle(engine, 30)
 
 
 async def _drain(call: grpc.aio.UnaryStreamCall) -> list[pb.ChatResponse]:  # type: ignore[type-arg]
@@ -125,7 +125,7 @@ async def test_cancelled_stream_frees_its_sequence(
     assert engine.stats.running >= 1
     call.cancel()
     # 1000 tokens would take over a minute; a cancelled one ends at its next decode step.
-    await asyncio.wait_for(engine.wait_idle(), timeout=20)
+    await engine_idle(engine, 20)
     assert engine.stats.running == 0
 
 
@@ -136,7 +136,7 @@ async def test_deadline_exceeded_frees_its_sequence(
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await _drain(stub.Chat(STORY, timeout=1.0))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    await asyncio.wait_for(engine.wait_idle(), timeout=20)
+    await engine_idle(engine, 20)
 
 
 def missing_spec(required: bool) -> ModelSpec:

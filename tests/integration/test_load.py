@@ -1,7 +1,7 @@
 """Load: many concurrent calls against one in-process server with the real default models.
 
 Bounded in count and time, loopback only. Uses the chat engine only through its public interface
-(generate's effects, `stats`, `wait_idle`), so it holds for any engine behind ChatEngine.
+(generate's effects and `stats`), so it holds for any engine behind ChatEngine.
 
 - 32 greedy streams and 64 Embed calls at once, against small limits: every call completes with
   exactly what it gets when run alone, or is refused with RESOURCE_EXHAUSTED; none hangs.
@@ -30,7 +30,7 @@ from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
 from server.app import GlmApp
 from server.engine.chat import ChatEngine
-from tests.conftest import default_specs, free_port, make_settings
+from tests.conftest import default_specs, engine_idle, free_port, make_settings
 from tests.devices import DEFAULT_EMBED_ATOL
 
 pytestmark = pytest.mark.slow
@@ -201,7 +201,7 @@ async def wait_until_idle(engine: ChatEngine, limit_s: float = 60.0) -> None:
     quiet = 0
     while quiet < 2:
         assert time.monotonic() < deadline, f"engine still busy: {engine.stats}"
-        await asyncio.wait_for(engine.wait_idle(), deadline - time.monotonic())
+        await engine_idle(engine, deadline - time.monotonic())
         stats = engine.stats
         quiet = quiet + 1 if (stats.running, stats.waiting) == (0, 0) else 0
         await asyncio.sleep(0.2)

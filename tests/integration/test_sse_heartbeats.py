@@ -24,7 +24,7 @@ from server.domain import ModelKind
 from server.engine.chat import ChatEngine
 from server.service.http_gateway import STATUS_HEADER
 from server.service.json_api.common import SSE_DONE, SSE_HEARTBEAT
-from tests.conftest import default_specs, make_settings
+from tests.conftest import default_specs, engine_idle, make_settings
 
 LONG = pb.ChatRequest(
     messages=[pb.ChatMessage(role="user", content="Tell me a very long story about a dragon.")],
@@ -129,4 +129,4 @@ async def test_a_client_leaving_while_queued_gives_its_place_back(
     finally:
         first.cancel()
     async with asyncio.timeout(60):
-        await engine(one_slot_app).wait_idle()
+        await engine_idle(engine(one_slot_app), 60)
