@@ -371,7 +371,7 @@ def _tiny_chatglm3(dtype: Any) -> Any:
     import torch
     from transformers import GlmForCausalLM
 
-    from server.models.chatglm3_weights import glm_config_from_chatglm, read_chatglm_config
+    from server.models.chatglm3.weights import glm_config_from_chatglm, read_chatglm_config
 
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "config.json").write_text(json.dumps(TINY_CHATGLM3))

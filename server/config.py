@@ -50,7 +50,7 @@ class ModelSpec:
     # A GGUF file inside the source; it is converted once and cached (see server/models/sources.py).
     gguf_file: str | None = None
     # The loader to use when the checkpoint's own files do not say: "chatglm3" (see
-    # server/models/chatglm3.py). None detects ChatGLM3 from a local config.json.
+    # server/models/chatglm3/model.py). None detects ChatGLM3 from a local config.json.
     family: str | None = None
     owned_by: str = "owner"
     # "auto" is CUDA when available, else CPU; or "cpu", "cuda", "cuda:1", ...

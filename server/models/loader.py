@@ -12,11 +12,11 @@ from server.models.base import Model
 def load_model(spec: ModelSpec, cache_dir: Path) -> Model:
     """Load the weights of `spec` (blocking; seconds to minutes)."""
     if spec.kind is ModelKind.CHAT:
-        from server.models.chatglm3_weights import is_chatglm3
+        from server.models.chatglm3.weights import is_chatglm3
 
         if is_chatglm3(spec):
             # ChatGLM3's remote code does not run on current transformers: load it natively.
-            from server.models.chatglm3 import ChatGLM3Model
+            from server.models.chatglm3.model import ChatGLM3Model
 
             return ChatGLM3Model(spec, cache_dir)
         from server.models.causal_lm import TransformersChatModel

@@ -16,8 +16,8 @@ from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
 from server.app import GlmApp
 from server.config import load_model_specs
-from server.models.chatglm3_prompt import PromptMessage, build_prompt_ids
-from server.models.chatglm3_tokenizer import ChatGLM3Tokenizer
+from server.models.chatglm3.prompt import PromptMessage, build_prompt_ids
+from server.models.chatglm3.tokenizer import ChatGLM3Tokenizer
 from server.settings import DEFAULT_CONFIG
 from tests.conftest import make_settings
 from tests.integration.test_chatglm3_weights import (
@@ -165,7 +165,7 @@ def test_family_is_validated(tmp_path: Path) -> None:
 
 
 def test_loader_detection(tmp_path: Path) -> None:
-    from server.models.chatglm3_weights import is_chatglm3
+    from server.models.chatglm3.weights import is_chatglm3
 
     folder = tmp_path / "ckpt"
     folder.mkdir()
@@ -227,7 +227,7 @@ async def test_tools_are_offered_in_chatglm3s_system_prompt(served: Served) -> N
 async def test_a_past_tool_call_and_its_observation_go_back_into_the_prompt(
     served: Served,
 ) -> None:
-    from server.models.chatglm3_tools import format_tool_call
+    from server.models.chatglm3.tools import format_tool_call
 
     request = pb.ChatRequest(
         messages=[

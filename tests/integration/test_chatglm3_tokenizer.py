@@ -13,12 +13,12 @@ import torch
 from server.domain import ChatMessage, ChatRequest, FinishReason, Role, SamplingParams
 from server.engine.chat import ChatEngine
 from server.engine.detokenize import IncrementalDetokenizer
-from server.models.chatglm3_prompt import (
+from server.models.chatglm3.prompt import (
     DEFAULT_TOOLS_SYSTEM_PROMPT,
     PromptMessage,
     build_prompt_ids,
 )
-from server.models.chatglm3_tokenizer import SPECIAL_TOKENS, ChatGLM3Tokenizer
+from server.models.chatglm3.tokenizer import SPECIAL_TOKENS, ChatGLM3Tokenizer
 from tests.integration.test_chatglm3_weights import (
     SP_VOCAB_SIZE,
     chatglm3_spec,
@@ -160,7 +160,7 @@ def test_a_streamed_reply_drops_the_empty_metadata_line(tok: ChatGLM3Tokenizer) 
 
 
 def test_a_streamed_tool_call_keeps_the_tool_name(tok: ChatGLM3Tokenizer) -> None:
-    from server.models.chatglm3_tools import parse_tool_call
+    from server.models.chatglm3.tools import parse_tool_call
 
     prompt = build_prompt_ids(tok, [PromptMessage("user", "weather?")], TOOLS)
     reply = 'get_weather\n```python\ntool_call(location="Beijing")\n```'
@@ -184,7 +184,7 @@ def test_pieces_and_encode_agree(tok: ChatGLM3Tokenizer) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory, sp_model: bytes) -> Any:
-    from server.models.chatglm3 import ChatGLM3Model
+    from server.models.chatglm3.model import ChatGLM3Model
     from tests.integration.test_chatglm3_weights import write_tiny_chatglm3
 
     folder = tmp_path_factory.mktemp("chatglm3")

@@ -268,7 +268,7 @@ def sp_model() -> bytes:
 def load_converted(folder: Path, cache: Path) -> Any:
     from transformers import GlmForCausalLM
 
-    from server.models.chatglm3_weights import converted_chatglm3
+    from server.models.chatglm3.weights import converted_chatglm3
 
     converted = converted_chatglm3(chatglm3_spec(folder), folder, cache)
     return GlmForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
@@ -313,7 +313,7 @@ def test_a_model_built_with_rope_ratio_ignored_does_not_match(
 ) -> None:
     from transformers import GlmForCausalLM
 
-    from server.models.chatglm3_weights import glm_config_from_chatglm, read_chatglm_config
+    from server.models.chatglm3.weights import glm_config_from_chatglm, read_chatglm_config
 
     state = write_tiny_chatglm3(tmp_path / "ckpt", tokenizer_model=sp_model)
     right = load_converted(tmp_path / "ckpt", tmp_path / "cache")
@@ -332,7 +332,7 @@ def test_a_model_built_with_rope_ratio_ignored_does_not_match(
 def test_served_forward_with_kv_cache_matches_the_reference(
     tmp_path: Path, sp_model: bytes
 ) -> None:
-    from server.models.chatglm3 import ChatGLM3Model
+    from server.models.chatglm3.model import ChatGLM3Model
 
     state = write_tiny_chatglm3(tmp_path / "ckpt", tokenizer_model=sp_model)
     model = ChatGLM3Model(chatglm3_spec(tmp_path / "ckpt"), tmp_path / "cache")
@@ -347,7 +347,7 @@ def test_served_forward_with_kv_cache_matches_the_reference(
 
 
 def test_bfloat16_on_cpu_loads_and_float16_is_refused(tmp_path: Path, sp_model: bytes) -> None:
-    from server.models.chatglm3 import ChatGLM3Model
+    from server.models.chatglm3.model import ChatGLM3Model
 
     write_tiny_chatglm3(tmp_path / "ckpt", tokenizer_model=sp_model)
     model = ChatGLM3Model(chatglm3_spec(tmp_path / "ckpt", dtype="bfloat16"), tmp_path / "cache")
@@ -361,7 +361,7 @@ def test_bfloat16_on_cpu_loads_and_float16_is_refused(tmp_path: Path, sp_model: 
 def test_conversion_is_cached_and_redone_when_weights_change(
     tmp_path: Path, sp_model: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from server.models import chatglm3_weights
+    from server.models.chatglm3 import weights as chatglm3_weights
 
     folder = tmp_path / "ckpt"
     write_tiny_chatglm3(folder, tokenizer_model=sp_model)
@@ -385,7 +385,7 @@ def test_conversion_is_cached_and_redone_when_weights_change(
 
 
 def test_pickled_code_in_a_bin_shard_is_refused_not_run(tmp_path: Path, sp_model: bytes) -> None:
-    from server.models.chatglm3_weights import converted_chatglm3
+    from server.models.chatglm3.weights import converted_chatglm3
 
     marker = tmp_path / "pwned"
 
@@ -418,7 +418,7 @@ def test_pickled_code_in_a_bin_shard_is_refused_not_run(tmp_path: Path, sp_model
 def test_unsupported_configs_are_refused_clearly(
     change: dict[str, Any], message: str, tmp_path: Path, sp_model: bytes
 ) -> None:
-    from server.models.chatglm3_weights import converted_chatglm3
+    from server.models.chatglm3.weights import converted_chatglm3
 
     folder = tmp_path / "ckpt"
     write_tiny_chatglm3(folder, tokenizer_model=sp_model)
@@ -428,7 +428,7 @@ def test_unsupported_configs_are_refused_clearly(
 
 
 def test_missing_extra_and_misshapen_tensors_are_refused(tmp_path: Path, sp_model: bytes) -> None:
-    from server.models.chatglm3_weights import converted_chatglm3
+    from server.models.chatglm3.weights import converted_chatglm3
 
     state = random_chatglm3_state(TINY_CONFIG)
     cases: list[tuple[dict[str, torch.Tensor], str]] = [
@@ -448,14 +448,14 @@ def test_missing_extra_and_misshapen_tensors_are_refused(tmp_path: Path, sp_mode
 
 
 def test_no_weights_and_a_non_sentencepiece_tokenizer_are_refused(tmp_path: Path) -> None:
-    from server.models.chatglm3 import ChatGLM3Model
+    from server.models.chatglm3.model import ChatGLM3Model
 
     folder = tmp_path / "ckpt"
     write_tiny_chatglm3(folder, tokenizer_model=b"not a sentencepiece model")
     with pytest.raises(ModelLoadError, match="not a SentencePiece model"):
         ChatGLM3Model(chatglm3_spec(folder), tmp_path / "cache")
     (folder / "model.safetensors").unlink()
-    from server.models.chatglm3_weights import checkpoint_files
+    from server.models.chatglm3.weights import checkpoint_files
 
     with pytest.raises(ModelLoadError, match=r"no \*\.safetensors"):
         checkpoint_files(folder)

@@ -26,7 +26,7 @@ from server.engine.chat import ChatEngine
 from server.engine.device_profile import CPU, CUDA, available_bytes, profile_for
 from server.engine.kv_slots import KVMemoryError, KVSlotCache, SlotBatch, _attention
 from server.errors import ResourceExhaustedError
-from server.models.chatglm3 import one_gpu_for
+from server.models.chatglm3.model import one_gpu_for
 from tests.conftest import make_settings
 from tests.devices import gpu_param, needs_gpus
 from tests.integration.test_batching import full_forward_logits, tiny_llama, token_ids

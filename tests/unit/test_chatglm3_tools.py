@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.models.chatglm3_tools import (
+from server.models.chatglm3.tools import (
     MAX_TOOL_CALL_CHARS,
     ToolCall,
     ToolCallError,

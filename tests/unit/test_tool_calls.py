@@ -9,7 +9,7 @@ import pytest
 
 from server.domain import FinishReason, FunctionCall, GenerationEvent, ToolSpec, Usage
 from server.engine.tool_calls import detect_tool_calls
-from server.models.chatglm3_tools import try_parse_tool_call
+from server.models.chatglm3.tools import try_parse_tool_call
 
 TOOLS = (ToolSpec("get_weather", "Weather of a city", {"type": "object"}), ToolSpec("get_time"))
 USAGE = Usage(prompt_tokens=10, completion_tokens=5)

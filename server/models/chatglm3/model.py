@@ -1,9 +1,9 @@
 """ChatGLM3 (e.g. ChatGLM3-6B-32k) served by transformers' native GlmForCausalLM.
 
 ChatGLM3's own remote code fails on every current transformers release, so nothing of it is used:
-the weights are mapped onto GlmForCausalLM (server/models/chatglm3_weights.py), the SentencePiece
-tokenizer and the prompt format are implemented here (chatglm3_tokenizer.py, chatglm3_prompt.py),
-and tool calls are parsed without eval (chatglm3_tools.py).
+the weights are mapped onto GlmForCausalLM (server/models/chatglm3/weights.py), the SentencePiece
+tokenizer and the prompt format are implemented here (tokenizer.py, prompt.py),
+and tool calls are parsed without eval (tools.py).
 
 Devices: one GPU (float16 unless configured), the CPU (float32 or bfloat16; slow but it works), or,
 with device = "auto" on a machine with several GPUs, the GPU with the most free memory when the
@@ -27,10 +27,10 @@ import torch
 from server.config import ModelSpec
 from server.domain import ChatMessage, FunctionCall, Role, Tokenization, ToolSpec
 from server.models.base import ChatModel, KVCache, TokenDecoder
-from server.models.chatglm3_prompt import PromptMessage, build_prompt_ids
-from server.models.chatglm3_tokenizer import ChatGLM3Tokenizer
-from server.models.chatglm3_tools import format_tool_call, try_parse_tool_call
-from server.models.chatglm3_weights import (
+from server.models.chatglm3.prompt import PromptMessage, build_prompt_ids
+from server.models.chatglm3.tokenizer import ChatGLM3Tokenizer
+from server.models.chatglm3.tools import format_tool_call, try_parse_tool_call
+from server.models.chatglm3.weights import (
     converted_chatglm3,
     expected_shapes,
     glm_config_from_chatglm,

@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from server.models.chatglm3_tokenizer import ChatGLM3Tokenizer
-from server.models.chatglm3_tools import unwrap_tools
+from server.models.chatglm3.tokenizer import ChatGLM3Tokenizer
+from server.models.chatglm3.tools import unwrap_tools
 
 __all__ = ["DEFAULT_TOOLS_SYSTEM_PROMPT", "PromptMessage", "attach_tools", "build_prompt_ids"]
 
