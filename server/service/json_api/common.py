@@ -19,7 +19,12 @@ M = TypeVar("M", bound=Message)
 T = TypeVar("T")
 
 JSON = "application/json"
-EVENT_STREAM = "text/event-stream"
+# With the charset: clients such as Python's requests otherwise decode a text/* body as
+# ISO-8859-1, and every non-ASCII character of a reply comes out garbled.
+EVENT_STREAM = "text/event-stream; charset=utf-8"
+# Response headers of every event stream besides its content type: no cache may keep it, and
+# nginx must pass each event on at once instead of buffering the whole stream.
+SSE_HEADERS = (("cache-control", "no-cache"), ("x-accel-buffering", "no"))
 # The content type Envoy's Lua filter (envoy/envoy.yaml.tmpl) puts in place of a gRPC one on a
 # JSON route: a request with a gRPC content type would pass the transcoder untouched and reach
 # the server as a call of no gRPC method; renamed, it reaches its route, which refuses it.
@@ -127,14 +132,31 @@ def json_reply(payload: Any, status: int = 200) -> HttpReply:
     return HttpReply(status, JSON, dumps(payload))
 
 
-def sse_event(payload: Any) -> bytes:
-    """One Server-Sent Event carrying a JSON object."""
-    return b"data: " + dumps(payload) + b"\n\n"
+@dataclass(frozen=True, slots=True)
+class SseFraming:
+    """How a dialect frames its Server-Sent Events: what ends each event (a blank line)."""
+
+    end: bytes
+
+    def event(self, payload: Any) -> bytes:
+        """One event carrying a JSON object."""
+        return b"data: " + dumps(payload) + self.end
+
+    @property
+    def done(self) -> bytes:
+        """The event that ends a stream that completed."""
+        return b"data: [DONE]" + self.end
+
+    @property
+    def heartbeat(self) -> bytes:
+        """An SSE comment: clients ignore it, proxies see bytes (sent while a stream waits for
+        its first token)."""
+        return b": keep-alive" + self.end
 
 
-SSE_DONE = b"data: [DONE]\n\n"
-# An SSE comment: clients ignore it, proxies see bytes (sent while a stream waits for its start).
-SSE_HEARTBEAT = b": keep-alive\n\n"
+# OpenAI ends events with "\n\n"; the seed's server (sse-starlette) with "\r\n\r\n".
+OPENAI_SSE = SseFraming(b"\n\n")
+SEED_SSE = SseFraming(b"\r\n\r\n")
 
 
 def usage_object(usage: pb.Usage) -> dict[str, int]:
