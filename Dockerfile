@@ -2,7 +2,12 @@
 #
 #   docker build -t glm-api:latest .
 #   docker build -t glm-api:latest --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 .
-#   docker run --gpus all -v "$PWD/model:/app/model" -p 50051:50051 glm-api:latest
+#   docker run --gpus all -v "$PWD/model:/app/model:ro" -p 127.0.0.1:50051:50051 \
+#     -v "$PWD/secrets/api-keys.toml:/run/secrets/api_keys:ro" -e GLM_API_KEYS_FILE=/run/secrets/api_keys \
+#     glm-api:latest
+#
+# The server listens on 0.0.0.0 in the container, so it refuses to start without API keys
+# (protected mode) unless GLM_AUTH=none says so (README, "Security").
 #
 # docker-compose.yml runs it behind the Envoy sidecar (JSON and gRPC on port 8100).
 #
@@ -61,6 +66,7 @@ COPY gateway/ gateway/
 COPY envoy/ envoy/
 
 # GLM_HTTP_HOST only matters for `python -m gateway` (server and Envoy in one container).
+# Metrics are served on the container's loopback unless GLM_METRICS_HOST=0.0.0.0 is set too.
 # NVIDIA_DRIVER_CAPABILITIES: what the NVIDIA Container Toolkit mounts in (as nvidia/cuda images set).
 ENV GLM_GRPC_ADDRESS=0.0.0.0:50051 \
     GLM_METRICS_PORT=9464 \

@@ -40,6 +40,7 @@ PARTS: dict[str, Part] = {
     "embed": Part("bench.embed", "concurrent one-sentence Embed calls against in-process encode"),
     "streams": Part("bench.streams", "concurrent chat streams, and OpenAI-compatible peers"),
     "envoy": Part("bench.envoy", "JSON through Envoy against direct gRPC"),
+    "security": Part("bench.security", "API keys and TLS against plaintext, direct and via Envoy"),
 }
 # What a part's failure to run looks like (a server that does not start, a missing model, a
 # failed call): the run goes on with the next part and exits 1.

@@ -5,7 +5,7 @@ coroutines. Both raise ``GlmClientError`` for any failed call::
 
     from clients import GlmClient
 
-    with GlmClient("127.0.0.1:50051", metadata={"authorization": "Bearer ..."}) as client:
+    with GlmClient("127.0.0.1:50051", api_key="glm-...") as client:
         for response in client.chat([("user", "Hello")], max_tokens=32):
             print(response.choices[0].delta.content, end="", flush=True)
         print(client.chat_text("Hello").text)
@@ -16,6 +16,7 @@ coroutines. Both raise ``GlmClientError`` for any failed call::
 from __future__ import annotations
 
 from clients._transport import (
+    API_KEY_ENV,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
@@ -24,6 +25,7 @@ from clients._transport import (
     ChannelOptions,
     MetadataLike,
     default_target,
+    tls_credentials,
 )
 from clients.async_client import AsyncChatStream, AsyncGlmClient
 from clients.builders import (
@@ -41,6 +43,7 @@ from clients.results import ChatAccumulator, ChatResult, TokenUsage
 from clients.sync_client import ChatStream, GlmClient
 
 __all__ = [
+    "API_KEY_ENV",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_TARGET",
     "DEFAULT_TIMEOUT",
@@ -63,6 +66,7 @@ __all__ = [
     "build_tokenize_request",
     "default_target",
     "embedding_vectors",
+    "tls_credentials",
     "to_chat_message",
     "to_chat_messages",
 ]

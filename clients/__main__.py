@@ -9,14 +9,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import struct
 import sys
 from collections.abc import Callable, Sequence
 
-from clients._transport import DEFAULT_TIMEOUT, TARGET_ENV, default_target
+import grpc
+
+from clients._transport import (
+    API_KEY_ENV,
+    DEFAULT_TIMEOUT,
+    TARGET_ENV,
+    default_target,
+    tls_credentials,
+)
 from clients.errors import GlmClientError
 from clients.results import ChatAccumulator
 from clients.sync_client import GlmClient
+
+# The environment's equivalents of --tls, --ca-file, --cert-file and --key-file.
+TLS_ENV = "GLM_TLS"
+CA_FILE_ENV = "GLM_TLS_CA_FILE"
+CERT_FILE_ENV = "GLM_TLS_CLIENT_CERT_FILE"
+KEY_FILE_ENV = "GLM_TLS_CLIENT_KEY_FILE"
 
 _INT32_MAX = 2**31 - 1
 _UINT64_MAX = 2**64 - 1
@@ -83,7 +98,32 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="call metadata, e.g. authorization='Bearer TOKEN'; repeatable",
+        help="call metadata, e.g. x-request-id=abc; repeatable",
+    )
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help=f"the API key (default: ${API_KEY_ENV}, which keeps it out of the process list)",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        default=None,
+        help=f"connect with TLS (default: ${TLS_ENV}; implied by the three options below)",
+    )
+    parser.add_argument(
+        "--ca-file",
+        metavar="PEM",
+        help=f"CA certificates to check the server with (default: ${CA_FILE_ENV}, else the "
+        "system's)",
+    )
+    parser.add_argument(
+        "--cert-file",
+        metavar="PEM",
+        help=f"client certificate for mTLS (default: ${CERT_FILE_ENV})",
+    )
+    parser.add_argument(
+        "--key-file", metavar="PEM", help=f"its private key (default: ${KEY_FILE_ENV})"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="<command>")
 
@@ -245,6 +285,20 @@ def _health(client: GlmClient, args: argparse.Namespace) -> int:
     return 0 if status == "SERVING" else 1
 
 
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS credentials from the options, else the environment; None for plaintext."""
+    env = os.environ
+    ca = args.ca_file or env.get(CA_FILE_ENV) or None
+    cert = args.cert_file or env.get(CERT_FILE_ENV) or None
+    key = args.key_file or env.get(KEY_FILE_ENV) or None
+    tls = args.tls
+    if tls is None:
+        tls = env.get(TLS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    if not (tls or ca or cert or key):
+        return None
+    return tls_credentials(ca, cert, key)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default: ``sys.argv[1:]``) and return the exit status."""
     parser = build_parser()
@@ -256,8 +310,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else 2
     handler: Callable[[GlmClient, argparse.Namespace], int] = args.handler
     try:
+        credentials = _credentials(args)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
         with GlmClient(
-            args.target or default_target(), metadata=args.metadata, timeout=args.timeout
+            args.target or default_target(),
+            metadata=args.metadata,
+            api_key=args.api_key,
+            timeout=args.timeout,
+            credentials=credentials,
         ) as client:
             return handler(client, args)
     except GlmClientError as error:

@@ -30,6 +30,8 @@ RETRYABLE_HEALTH_CODES = frozenset(
 )
 #: The fully qualified name of the service, as the health service knows it.
 SERVICE_NAME = "glm.v1.GlmService"
+#: The environment variable the clients take the API key from when none is given.
+API_KEY_ENV = "GLM_API_KEY"
 
 #: Call metadata: a mapping or (key, value) pairs; values are str, or bytes for "-bin" keys.
 MetadataLike: TypeAlias = Mapping[str, str | bytes] | Iterable[tuple[str, str | bytes]]
@@ -54,6 +56,43 @@ def normalize_metadata(metadata: MetadataLike | None) -> Metadata:
         return ()
     pairs = metadata.items() if isinstance(metadata, Mapping) else metadata
     return tuple((key.lower(), value) for key, value in pairs)
+
+
+def with_api_key(metadata: Metadata, api_key: str | None) -> Metadata:
+    """Add ``authorization: Bearer KEY`` to call metadata.
+
+    ``api_key`` None falls back to ``$GLM_API_KEY``; "" sends no key. Metadata that already
+    carries a key (``authorization`` or ``x-api-key``) is left as it is.
+    """
+    key = os.environ.get(API_KEY_ENV, "") if api_key is None else api_key
+    if not key or any(name in ("authorization", "x-api-key") for name, _ in metadata):
+        return metadata
+    return (*metadata, ("authorization", f"Bearer {key}"))
+
+
+def tls_credentials(
+    ca_file: str | os.PathLike[str] | None = None,
+    cert_file: str | os.PathLike[str] | None = None,
+    key_file: str | os.PathLike[str] | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files.
+
+    Args:
+        ca_file: The CA certificates to check the server's certificate with (default: the
+            system's trusted CAs, as gRPC finds them).
+        cert_file, key_file: A client certificate chain and its key, for servers that require
+            one (mTLS); both or neither.
+    """
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("a client certificate needs both cert_file and key_file")
+
+    def read(path: str | os.PathLike[str] | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as file:
+            return file.read()
+
+    return grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
 
 
 def channel_options(

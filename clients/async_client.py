@@ -87,6 +87,7 @@ class AsyncGlmClient:
         target: str | grpc.aio.Channel | None = None,
         *,
         metadata: MetadataLike | None = None,
+        api_key: str | None = None,
         timeout: float | None = _transport.DEFAULT_TIMEOUT,
         credentials: grpc.ChannelCredentials | None = None,
         max_send_message_bytes: int | None = None,
@@ -112,7 +113,7 @@ class AsyncGlmClient:
             self._target = ""
             self._channel = target
             self._owns_channel = False
-        self._metadata = _transport.normalize_metadata(metadata)
+        self._metadata = _transport.with_api_key(_transport.normalize_metadata(metadata), api_key)
         self._timeout = timeout
         self._stubs = _transport.AsyncStubs.for_channel(self._channel)
 

@@ -72,10 +72,13 @@ class GlmClient:
     Args:
         target: "host:port" to connect to (default: ``$GLM_GRPC_ADDRESS`` or 127.0.0.1:50051),
             or an existing ``grpc.Channel``, which the client then uses but does not close.
-        metadata: Metadata sent with every call, e.g. ``{"authorization": "Bearer ..."}``.
+        metadata: Metadata sent with every call, e.g. ``{"x-request-id": "..."}``.
+        api_key: The API key, sent as ``authorization: Bearer KEY`` with every call; None
+            takes ``$GLM_API_KEY`` (unset: no key), "" sends none.
         timeout: The deadline of each call in seconds, unless the call gives one; None means no
             deadline. For ``chat`` it bounds the whole stream.
-        credentials: Connect with TLS using these credentials instead of in plain text.
+        credentials: Connect with TLS using these credentials instead of in plain text, e.g.
+            ``tls_credentials(ca_file="ca.pem")`` (with ``cert_file``/``key_file`` for mTLS).
         max_send_message_bytes: The largest request the channel sends (default 16 MiB).
         max_receive_message_bytes: The largest response the channel accepts (default 16 MiB).
         options: Further channel arguments; they override the ones above.
@@ -89,6 +92,7 @@ class GlmClient:
         target: str | grpc.Channel | None = None,
         *,
         metadata: MetadataLike | None = None,
+        api_key: str | None = None,
         timeout: float | None = _transport.DEFAULT_TIMEOUT,
         credentials: grpc.ChannelCredentials | None = None,
         max_send_message_bytes: int | None = None,
@@ -114,7 +118,7 @@ class GlmClient:
             self._target = ""
             self._channel = target
             self._owns_channel = False
-        self._metadata = _transport.normalize_metadata(metadata)
+        self._metadata = _transport.with_api_key(_transport.normalize_metadata(metadata), api_key)
         self._timeout = timeout
         self._stubs = _transport.SyncStubs.for_channel(self._channel)
 

@@ -1,4 +1,4 @@
-"""Renders envoy/envoy.yaml.tmpl from the settings."""
+"""Renders envoy/envoy.yaml.tmpl from the settings, and the SDS files Envoy reads TLS files by."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from google.api import annotations_pb2
 
@@ -42,6 +43,30 @@ _LOCAL_REPLY_CLASSES = (
 )
 
 
+# The status a Host outside the allow-list gets (421 Misdirected Request: not served here).
+_HOST_REFUSED_STATUS = 421
+_TLS_SOCKET = "envoy.transport_sockets.tls"
+_TLS_TYPES = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+# Where a compose health probe finds Envoy's /healthz in plain HTTP (inside the container only).
+COMPOSE_HEALTH_PORT = 8101
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyTls:
+    """Envoy's TLS: its certificate, the client CA (mTLS), and TLS on its hop to the server.
+
+    With `sds_dir`, Envoy reads the files through SDS files written there (sds_files()) and
+    reloads them when they are replaced; without it they are read once, at start.
+    """
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+    # TLS to the server, which must present a certificate this file trusts (None: plaintext).
+    backend_trust_file: str | None = None
+    sds_dir: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class EnvoyTarget:
     """Where Envoy listens and what it proxies to."""
@@ -53,13 +78,39 @@ class EnvoyTarget:
     descriptor: str
     cors_origins: tuple[str, ...]
     max_body_bytes: int
+    tls: EnvoyTls | None = None
+    # The Host names served ("*": any).
+    allowed_hosts: tuple[str, ...] = ("*",)
+    max_connections: int = 4096
+    # A plaintext loopback listener that answers only /healthz (0: none).
+    health_port: int = 0
 
 
-def target_from_settings(settings: Settings) -> EnvoyTarget:
-    """Envoy beside a local server: the backend is the server's gRPC address."""
+def target_from_settings(
+    settings: Settings, sds_dir: Path | None = None, backend_trust_file: Path | None = None
+) -> EnvoyTarget:
+    """Envoy beside a local server: the backend is the server's gRPC address.
+
+    With TLS, Envoy serves the server's certificate and speaks TLS to the server too; it trusts
+    `backend_trust_file` there (the supervisor writes the server's own certificate into one),
+    else the certificate file as it is (its first certificate and any CA certificates after it).
+    """
     backend_host = settings.grpc_host
     if backend_host in ("0.0.0.0", "[::]", "::"):
         backend_host = "127.0.0.1"  # a wildcard listen address is reachable on loopback
+    tls = None
+    if settings.tls:
+        tls = EnvoyTls(
+            cert_file=str(Path(settings.tls_cert_file).resolve()),
+            key_file=str(Path(settings.tls_key_file).resolve()),
+            client_ca_file=(
+                str(Path(settings.tls_client_ca_file).resolve())
+                if settings.tls_client_ca_file
+                else None
+            ),
+            backend_trust_file=str(backend_trust_file or Path(settings.tls_cert_file).resolve()),
+            sds_dir=None if sds_dir is None else str(sds_dir),
+        )
     return EnvoyTarget(
         listen_host=settings.http_host,
         listen_port=settings.http_port,
@@ -68,11 +119,27 @@ def target_from_settings(settings: Settings) -> EnvoyTarget:
         descriptor=str(DESCRIPTOR),
         cors_origins=settings.cors_origin_list,
         max_body_bytes=settings.max_message_bytes,
+        tls=tls,
+        allowed_hosts=settings.http_allowed_host_list,
+        max_connections=settings.http_max_connections,
     )
 
 
+# Where docker-compose mounts its secrets (docker-compose.yml's `secrets:`).
+COMPOSE_SECRETS = "/run/secrets"
+
+
 def compose_target(settings: Settings) -> EnvoyTarget:
-    """Envoy in docker-compose: all interfaces, the `server` service's replicas as backend."""
+    """Envoy in docker-compose: all interfaces, the `server` service's replicas as backend.
+
+    TLS always, from the compose secrets (read at start: a secret file is bind-mounted, so a
+    replaced file reaches the container only through a restart); mTLS when the settings name a
+    client CA. The hop to the server stays on the compose network, in plaintext. A plaintext
+    /healthz on loopback inside the container serves the compose health probe.
+    """
+    explicit_hosts = tuple(
+        h.strip().lower() for h in settings.http_allowed_hosts.split(",") if h.strip()
+    )
     return EnvoyTarget(
         listen_host="0.0.0.0",
         listen_port=8100,
@@ -81,6 +148,16 @@ def compose_target(settings: Settings) -> EnvoyTarget:
         descriptor="/etc/glm-api/glm_v1.binpb",
         cors_origins=settings.cors_origin_list,
         max_body_bytes=settings.max_message_bytes,
+        tls=EnvoyTls(
+            cert_file=f"{COMPOSE_SECRETS}/tls_cert",
+            key_file=f"{COMPOSE_SECRETS}/tls_key",
+            client_ca_file=(
+                f"{COMPOSE_SECRETS}/tls_client_ca" if settings.tls_client_ca_file else None
+            ),
+        ),
+        allowed_hosts=explicit_hosts or ("*",),
+        max_connections=settings.http_max_connections,
+        health_port=COMPOSE_HEALTH_PORT,
     )
 
 
@@ -197,9 +274,227 @@ def _lua_set(paths: tuple[str, ...]) -> str:
     return "{" + ", ".join(f"[{json.dumps(p)}] = true" for p in paths) + "}"
 
 
+# -- TLS --------------------------------------------------------------------------------------
+
+_SERVER_CERT = "server_cert"
+_CLIENT_CA = "client_ca"
+_BACKEND_CA = "backend_ca"
+
+
+def _watched(*files: str) -> dict[str, Any]:
+    """A watched_directory for files that share a folder (one watch sees every rename there)."""
+    folders = {str(Path(f).parent) for f in files}
+    return {"watched_directory": {"path": folders.pop()}} if len(folders) == 1 else {}
+
+
+def _secrets(tls: EnvoyTls) -> dict[str, dict[str, Any]]:
+    """Each secret's body (an SDS Secret without its name), by name."""
+    secrets: dict[str, dict[str, Any]] = {
+        _SERVER_CERT: {
+            "tls_certificate": {
+                "certificate_chain": {"filename": tls.cert_file},
+                "private_key": {"filename": tls.key_file},
+                **_watched(tls.cert_file, tls.key_file),
+            }
+        }
+    }
+    for name, ca in ((_CLIENT_CA, tls.client_ca_file), (_BACKEND_CA, tls.backend_trust_file)):
+        if ca is not None:
+            secrets[name] = {"validation_context": {"trusted_ca": {"filename": ca}, **_watched(ca)}}
+    return secrets
+
+
+def sds_files(target: EnvoyTarget) -> dict[str, str]:
+    """The SDS files (name -> YAML) Envoy reads its TLS files through; {} without SDS."""
+    if target.tls is None or target.tls.sds_dir is None:
+        return {}
+    return {
+        f"sds-{name}.yaml": json.dumps(
+            {"resources": [{"@type": _TLS_TYPES + "Secret", "name": name, **body}]}, indent=2
+        )
+        + "\n"
+        for name, body in _secrets(target.tls).items()
+    }
+
+
+def _secret_ref(tls: EnvoyTls, name: str) -> dict[str, Any]:
+    """How a TLS context refers to a secret: by SDS from a file, or inline."""
+    assert tls.sds_dir is not None
+    return {
+        "name": name,
+        "sds_config": {
+            "path_config_source": {
+                "path": str(Path(tls.sds_dir) / f"sds-{name}.yaml"),
+                "watched_directory": {"path": tls.sds_dir},
+            },
+            "resource_api_version": "V3",
+        },
+    }
+
+
+def _common_tls_context(tls: EnvoyTls, alpn: list[str], validation: str | None) -> dict[str, Any]:
+    secrets = _secrets(tls)
+    context: dict[str, Any] = {"alpn_protocols": alpn}
+    if tls.sds_dir is not None:
+        context["tls_certificate_sds_secret_configs"] = [_secret_ref(tls, _SERVER_CERT)]
+        if validation is not None:
+            context["validation_context_sds_secret_config"] = _secret_ref(tls, validation)
+    else:
+        context["tls_certificates"] = [secrets[_SERVER_CERT]["tls_certificate"]]
+        if validation is not None:
+            context["validation_context"] = secrets[validation]["validation_context"]
+    return context
+
+
+def _listener_tls(tls: EnvoyTls) -> dict[str, Any]:
+    """The listener's TLS: HTTPS and gRPC over TLS, ALPN picking HTTP/2 or HTTP/1.1."""
+    mtls = tls.client_ca_file is not None
+    config: dict[str, Any] = {
+        "@type": _TLS_TYPES + "DownstreamTlsContext",
+        "common_tls_context": _common_tls_context(
+            tls, ["h2", "http/1.1"], _CLIENT_CA if mtls else None
+        ),
+    }
+    if mtls:
+        config["require_client_certificate"] = True
+    return {"name": _TLS_SOCKET, "typed_config": config}
+
+
+def _upstream_tls(tls: EnvoyTls) -> dict[str, Any]:
+    """TLS on the hop to the server: Envoy presents the server's own certificate (which the
+    server accepts as a client certificate under mTLS) and checks the server's against it."""
+    return {
+        "name": _TLS_SOCKET,
+        "typed_config": {
+            "@type": _TLS_TYPES + "UpstreamTlsContext",
+            "common_tls_context": _common_tls_context(tls, ["h2"], _BACKEND_CA),
+        },
+    }
+
+
+# -- the rest -----------------------------------------------------------------------------------
+
+
+def _host_refusal(target: EnvoyTarget, indent: str) -> str:
+    """A virtual host after the served one that answers every other Host with 421."""
+    if "*" in target.allowed_hosts:
+        return ""
+    vhost = {
+        "name": "host_not_allowed",
+        "domains": ["*"],
+        "routes": [
+            {
+                "match": {"prefix": "/"},
+                "direct_response": {
+                    "status": _HOST_REFUSED_STATUS,
+                    "body": {
+                        "inline_string": "this Host is not served here (GLM_HTTP_ALLOWED_HOSTS)"
+                    },
+                },
+            }
+        ],
+    }
+    return f"\n{indent}- {json.dumps(vhost)}"
+
+
+def _host_refusal_mapper(indent: str) -> str:
+    """The JSON error body of the Host refusal (a local reply like Envoy's others)."""
+    body = {
+        "error": {
+            "message": "%LOCAL_REPLY_BODY%",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "host_not_allowed",
+        }
+    }
+    mapper = {
+        "filter": {
+            "status_code_filter": {
+                "comparison": {
+                    "op": "EQ",
+                    "value": {
+                        "default_value": _HOST_REFUSED_STATUS,
+                        "runtime_key": "glm_api.host_refused",
+                    },
+                }
+            }
+        },
+        "body_format_override": {"json_format": body},
+    }
+    return f"\n{indent}- {json.dumps(mapper)}"
+
+
+def _health_listener(target: EnvoyTarget, indent: str) -> str:
+    """A loopback listener in plain HTTP that answers /healthz only (the compose probe)."""
+    if not target.health_port:
+        return ""
+    listener = {
+        "name": "health",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": target.health_port}},
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network"
+                            ".http_connection_manager.v3.HttpConnectionManager",
+                            "stat_prefix": "health",
+                            "route_config": {
+                                "virtual_hosts": [
+                                    {
+                                        "name": "health",
+                                        "domains": ["*"],
+                                        "routes": [
+                                            {
+                                                "match": {"prefix": "/"},
+                                                "direct_response": {"status": 404},
+                                            }
+                                        ],
+                                    }
+                                ]
+                            },
+                            "http_filters": [
+                                {
+                                    "name": "envoy.filters.http.health_check",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters"
+                                        ".http.health_check.v3.HealthCheck",
+                                        "pass_through_mode": False,
+                                        "headers": [
+                                            {"name": ":path", "string_match": {"exact": "/healthz"}}
+                                        ],
+                                        "cluster_min_healthy_percentages": {
+                                            "glm_backend": {"value": 100}
+                                        },
+                                    },
+                                },
+                                {
+                                    "name": "envoy.filters.http.router",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters"
+                                        ".http.router.v3.Router"
+                                    },
+                                },
+                            ],
+                        },
+                    }
+                ]
+            }
+        ],
+    }
+    return f"\n{indent}- {json.dumps(listener)}"
+
+
 def render(target: EnvoyTarget) -> str:
-    """The Envoy config for `target`."""
+    """The Envoy config for `target` (with SDS, Envoy also needs sds_files(target))."""
     origins = [{"exact": origin} for origin in target.cors_origins]
+    tls = target.tls
+    listener_tls = upstream_tls = ""
+    if tls is not None:
+        listener_tls = f"\n{' ' * 10}transport_socket: {json.dumps(_listener_tls(tls))}"
+        if tls.backend_trust_file is not None:
+            upstream_tls = f"\n{' ' * 6}transport_socket: {json.dumps(_upstream_tls(tls))}"
     return string.Template(TEMPLATE.read_text()).substitute(
         listen_host=json.dumps(target.listen_host),
         listen_port=target.listen_port,
@@ -208,8 +503,19 @@ def render(target: EnvoyTarget) -> str:
         descriptor=json.dumps(target.descriptor),
         cors_origins=json.dumps(origins),
         max_body_bytes=target.max_body_bytes,
-        local_reply_mappers=_local_reply_mappers(" " * 20),
+        # The Host refusal comes first: the catch-all mappers by status class would take it.
+        local_reply_mappers=_host_refusal_mapper(" " * 20).lstrip("
+")
+        + "
+"
+        + _local_reply_mappers(" " * 20),
         method_routes=_method_routes(" " * 24),
         json_routes=_lua_set(json_routes()),
         grpc_on_json_route=json.dumps(GRPC_ON_JSON_ROUTE),
+        max_connections=target.max_connections,
+        listener_tls=listener_tls,
+        upstream_tls=upstream_tls,
+        allowed_hosts=json.dumps(list(target.allowed_hosts)),
+        host_refusal=_host_refusal(target, " " * 20),
+        health_listener=_health_listener(target, " " * 4),
     )

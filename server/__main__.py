@@ -1,4 +1,7 @@
-"""`python -m server`: serve glm.v1.GlmService with the configured models."""
+"""`python -m server`: serve glm.v1.GlmService with the configured models.
+
+`python -m server keys add NAME` creates an API key instead (server/auth/cli.py).
+"""
 
 from __future__ import annotations
 
@@ -14,8 +17,13 @@ from server.settings import load_settings
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse settings, configure logging, serve until a signal; returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["keys"]:
+        from server.auth.cli import main as keys_main
+
+        return keys_main(args[1:])
     try:
-        settings = load_settings(argv)
+        settings = load_settings(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ from server.service.glm_service import GlmService
 from server.service.http_gateway import HttpGatewayService
 from server.settings import Settings
 from server.transport.grpc_server import Health, build_server
+from server.transport.security import load_security
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class GlmApp:
         if self.settings.torch_threads > 0:
             torch.set_num_threads(self.settings.torch_threads)
         await self.health.set_serving(False)
+        security = load_security(self.settings)  # refuses to start on a bad keys or TLS file
         service = GlmService(self.registry, self.settings.max_message_bytes)
         self._server = build_server(
             service,
@@ -90,30 +92,43 @@ class GlmApp:
             gateway=HttpGatewayService(service, heartbeat_s=self.settings.sse_heartbeat_s),
             metrics=self.metrics,
             memory=self.memory,
+            auth=security.interceptor,
+            reflection=self.settings.reflection,
         )
-        self.port = self._server.add_insecure_port(self.settings.grpc_address)
+        if security.credentials is None:
+            self.port = self._server.add_insecure_port(self.settings.grpc_address)
+        else:
+            self.port = self._server.add_secure_port(
+                self.settings.grpc_address, security.credentials
+            )
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.grpc_address}")
+        metrics_host = self.settings.metrics_host
         if self.settings.metrics_port:
             # Before the gRPC server starts: a taken metrics port fails the start, loudly, rather
             # than leaving a server Prometheus cannot see (or one whose port another answers).
             try:
                 self._metrics_server = MetricsServer(
-                    self.metrics, self.settings.grpc_host, self.settings.metrics_port
+                    self.metrics, metrics_host, self.settings.metrics_port
                 )
             except OSError as exc:
                 await self._server.stop(None)  # give the gRPC port back
                 raise OSError(
-                    f"cannot serve metrics on {self.settings.grpc_host}:"
-                    f"{self.settings.metrics_port}: {exc}"
+                    f"cannot serve metrics on {metrics_host}:{self.settings.metrics_port}: {exc}"
                 ) from exc
             self.metrics_port = self._metrics_server.port
-            log.info("metrics on http://%s:%d/metrics", self.settings.grpc_host, self.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", metrics_host, self.metrics_port)
         await self._server.start()
+        tls = ""
+        if security.credentials is not None:
+            mtls = bool(self.settings.tls_client_ca_file)
+            tls = " with TLS" + (" and client certificates" if mtls else "")
         log.info(
-            "gRPC listening on %s:%d (not serving until the models are ready)",
+            "gRPC listening on %s:%d%s, %s (not serving until the models are ready)",
             self.settings.grpc_host,
             self.port,
+            tls,
+            security.describe(),
         )
         return self.port
 

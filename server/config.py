@@ -19,8 +19,9 @@ _FAMILIES = {"chatglm3"}
 # Embedding: the most tokens one forward pass computes (rows x longest row, padding included) when
 # the model's max_batch_tokens is unset: 32 prompts of MiniLM's full 256 tokens.
 EMBED_MAX_BATCH_TOKENS = 8192
-# Chat: the tokens one scheduler step feeds when the model's max_batch_tokens is unset (one per
-# running sequence, the rest for prompt chunks; see server/engine/scheduler.py).
+# Chat: the tokens one scheduler step feeds when the model's max_batch_tokens is unset, on a CPU
+# (one per running sequence, the rest for prompt chunks; see server/engine/scheduler.py; a GPU's
+# is in server/engine/device_profile.py).
 CHAT_MAX_BATCH_TOKENS = 256
 # The longest model id; a request naming a longer one is refused before the id is looked up.
 MAX_MODEL_ID_CHARS = 256

@@ -120,3 +120,31 @@ class InternalError(GlmError):
     grpc_status = "INTERNAL"
     http_status = 500
     error_type = "server_error"
+
+
+class UnauthenticatedError(GlmError):
+    """The call carries no API key, or one the server does not know."""
+
+    grpc_status = "UNAUTHENTICATED"
+    http_status = 401
+    error_type = "invalid_request_error"
+
+
+class PermissionDeniedError(GlmError):
+    """The caller's API key may not use what the call asks for (a model outside its list)."""
+
+    grpc_status = "PERMISSION_DENIED"
+    http_status = 403
+    error_type = "permission_error"
+
+
+class RateLimitedError(GlmError):
+    """The caller's API key is over one of its limits; `retry_after_s` says when to come back."""
+
+    grpc_status = "RESOURCE_EXHAUSTED"
+    http_status = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

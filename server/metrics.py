@@ -31,6 +31,8 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from server.errors import PermissionDeniedError
+
 __all__ = [
     "NULL_OBSERVER",
     "CallRecord",
@@ -61,9 +63,21 @@ class CallRecord:
     # The status the call really ended with when its handler answers errors itself (the JSON
     # gateway reports them as HTTP statuses inside an OK gRPC call); None: the gRPC status.
     status: str | None = None
+    # The name of the caller's API key (None: keys are off); never the key itself.
+    key: str | None = None
+    # The models the caller's key may use (None: any), set by server/transport/auth.py.
+    allowed_models: frozenset[str] | None = None
 
     def note_model(self, model_id: str) -> None:
-        """Record the model that serves the call."""
+        """Record the model that serves the call, once the service has resolved it.
+
+        Every RPC resolves its model and notes it here before doing any work, which makes this
+        the one place where a key's model allow-list is enforced: PermissionDeniedError.
+        """
+        if self.allowed_models is not None and model_id not in self.allowed_models:
+            raise PermissionDeniedError(
+                f"API key {self.key!r} may not use model {model_id!r}", param="model"
+            )
         self.model = model_id
 
     def note_first_token(self) -> None:
@@ -317,6 +331,21 @@ class Metrics:
             registry=r,
         )
 
+        # Per API key, by its name (keys are never labels or log fields).
+        self.key_requests = Counter(
+            "glm_api_key_requests",
+            "Calls by API key name and final status (calls refused for a missing or unknown key "
+            "have no key: see glm_requests).",
+            ["key", "status"],
+            registry=r,
+        )
+        self.key_tokens = Counter(
+            "glm_api_key_tokens",
+            "Prompt and generated tokens of finished calls, by API key name.",
+            ["key"],
+            registry=r,
+        )
+
     def observer(self, model_id: str) -> EngineObserver:
         """The hooks the engine of `model_id` reports through."""
         return _ModelObserver(self, model_id)
@@ -332,6 +361,11 @@ class Metrics:
         """Count a finished call and what its record says it did."""
         self.requests.labels(record.rpc, status).inc()
         self.request_seconds.labels(record.rpc).observe(max(0.0, ended - record.started))
+        if record.key is not None:
+            self.key_requests.labels(record.key, status).inc()
+            used = (record.tokens_in or 0) + (record.tokens_out or 0)
+            if used:
+                self.key_tokens.labels(record.key).inc(used)
         if not record.model:
             return
         model = record.model

@@ -7,6 +7,7 @@ deployments lives here; per-model settings live in the models config file (serve
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -62,6 +63,36 @@ class Settings:
     # would otherwise close a stream that has sent nothing yet. 0 sends none.
     sse_heartbeat_s: float = 15.0
 
+    # -- security (README "Security") --------------------------------------------------------
+    # "auto": API keys are required when api_keys_file is set; without one, only loopback
+    # addresses may be served (protected mode). "keys": a keys file is required. "none": no
+    # authentication, even on a public address (an explicit opt-out).
+    auth: str = "auto"
+    # The TOML file of API keys (names, SHA-256 of the keys, allowed models, limits); re-read
+    # when it changes. `python -m server keys add NAME` creates a key and appends it.
+    api_keys_file: str = ""
+    # The window that a key's requests_per_minute and tokens_per_minute are counted over, in
+    # seconds: a minute, as the names say; shorter only to test the limits quickly.
+    rate_limit_window_s: float = 60.0
+    # Serve gRPC server reflection (it lists the services, nothing more; open like health).
+    reflection: bool = True
+    # PEM certificate chain and private key: TLS on the gRPC port and on Envoy's port (HTTPS
+    # and gRPC over TLS), and on Envoy's hop to the server. Both or neither.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # PEM CA certificates: with it, both ports require a client certificate signed by one of
+    # them (mTLS). Needs tls_cert_file.
+    tls_client_ca_file: str = ""
+    # Host names (the Host / :authority header, port ignored) Envoy answers, comma-separated;
+    # "*" for any. Empty: the loopback names when http_host is loopback, else any. A guard
+    # against DNS rebinding from web pages.
+    http_allowed_hosts: str = ""
+    # Envoy's limit on open client connections (its overload manager refuses more).
+    http_max_connections: int = 4096
+    # Where the metrics are served: loopback unless set (e.g. 0.0.0.0 for a Prometheus in
+    # another container).
+    metrics_host: str = "127.0.0.1"
+
     @property
     def cors_origin_list(self) -> tuple[str, ...]:
         """The allowed CORS origins, parsed."""
@@ -76,6 +107,35 @@ class Settings:
     def grpc_port(self) -> int:
         """The port part of grpc_address."""
         return int(self.grpc_address.rsplit(":", 1)[1])
+
+    @property
+    def tls(self) -> bool:
+        """Whether the server and Envoy serve TLS."""
+        return bool(self.tls_cert_file)
+
+    @property
+    def http_allowed_host_list(self) -> tuple[str, ...]:
+        """The Host names Envoy answers ("*": any), with the default applied."""
+        hosts = tuple(h.strip().lower() for h in self.http_allowed_hosts.split(",") if h.strip())
+        if hosts:
+            return hosts
+        return LOOPBACK_NAMES if is_loopback(self.http_host) else ("*",)
+
+
+# The names of this machine's loopback interface, as clients write them in a Host header.
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+_AUTH_MODES = ("auto", "keys", "none")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen address only accepts connections from this machine."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
 
 
 _ENV_PREFIX = "GLM_"
@@ -117,7 +177,54 @@ def _validate(settings: Settings) -> Settings:
         raise ValueError("shutdown_grace_s must not be negative")
     if settings.sse_heartbeat_s < 0:
         raise ValueError("sse_heartbeat_s must not be negative (0 sends no heartbeats)")
+    _validate_security(settings)
     return settings
+
+
+def _validate_security(settings: Settings) -> None:
+    if settings.auth not in _AUTH_MODES:
+        raise ValueError(f"auth must be one of {', '.join(_AUTH_MODES)}, got {settings.auth!r}")
+    if settings.auth == "none" and settings.api_keys_file:
+        raise ValueError("auth=none turns API keys off: unset api_keys_file, or drop auth=none")
+    if settings.auth == "keys" and not settings.api_keys_file:
+        raise ValueError("auth=keys needs api_keys_file (GLM_API_KEYS_FILE)")
+    if settings.rate_limit_window_s <= 0:
+        raise ValueError("rate_limit_window_s must be positive")
+    if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
+        raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+    if settings.tls_client_ca_file and not settings.tls_cert_file:
+        raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
+    if settings.http_max_connections < 1:
+        raise ValueError("http_max_connections must be at least 1")
+    problem = protected_mode_problem(settings)
+    if problem:
+        raise ValueError(problem)
+
+
+def protected_mode_problem(settings: Settings) -> str | None:
+    """Why these settings would serve anyone who can reach the machine, or None.
+
+    Protected mode: without API keys, only loopback addresses are served, unless auth=none
+    says so explicitly.
+    """
+    if settings.auth == "none" or settings.api_keys_file:
+        return None
+    public = [
+        f"{name} {address}"
+        for name, address, host in (
+            ("GLM_GRPC_ADDRESS", settings.grpc_address, settings.grpc_host),
+            ("GLM_HTTP_HOST", settings.http_host, settings.http_host),
+        )
+        if not is_loopback(host)
+    ]
+    if not public:
+        return None
+    return (
+        f"protected mode: {' and '.join(public)} can be reached from other machines, and no API "
+        "keys are configured. Create a key with `python -m server keys add NAME --file "
+        "api-keys.toml` and set GLM_API_KEYS_FILE=api-keys.toml, or listen on 127.0.0.1, or "
+        "opt out explicitly with GLM_AUTH=none"
+    )
 
 
 def load_settings(

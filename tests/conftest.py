@@ -8,12 +8,26 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2_grpc
 
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
 from server.app import GlmApp
 from server.config import ModelSpec, load_model_specs
 from server.settings import DEFAULT_CONFIG, Settings
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `gpu` tests, saying why, where torch sees no CUDA device (`-ra` prints the reason)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(
+        reason=f"needs a CUDA device (torch {torch.__version__} sees none); run on a GPU: "
+        "pytest -m gpu"
+    )
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 def free_port() -> int:

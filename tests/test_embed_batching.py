@@ -28,6 +28,7 @@ from server.metrics import EngineObserver
 from server.models.base import EmbeddingModel
 from server.models.loader import load_model
 from server.settings import DEFAULT_CONFIG
+from tests.devices import DEFAULT_EMBED_ATOL
 
 SENTENCE = (
     "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing "
@@ -187,7 +188,7 @@ async def test_mixed_lengths_equal_one_by_one_encode_in_input_order(
         await batcher.stop()
     for request, (vectors, tokens) in zip(requests, results, strict=True):
         assert vectors.shape == (len(request), model.dimensions)
-        np.testing.assert_allclose(vectors, alone(model, request), atol=1e-5)
+        np.testing.assert_allclose(vectors, alone(model, request), atol=DEFAULT_EMBED_ATOL)
         assert tokens == sum(model.count_tokens(request))
     # The 400-word prompts were truncated to the model's limit, as count_tokens says.
     assert max(model.count_tokens(texts)) == model.max_input_tokens
@@ -210,7 +211,7 @@ async def test_a_request_larger_than_the_budget_is_split_across_passes(
         vectors, tokens = await batcher.embed(texts)
     finally:
         await batcher.stop()
-    np.testing.assert_allclose(vectors, alone(model, texts), atol=1e-5)
+    np.testing.assert_allclose(vectors, alone(model, texts), atol=DEFAULT_EMBED_ATOL)
     assert tokens == sum(counts)
     # Every pass within the budget, so at least total/budget of them, none of them empty.
     assert all(p.padded_tokens <= budget for p in recorder.passes)
@@ -229,7 +230,7 @@ async def test_a_prompt_longer_than_the_budget_runs_alone(
         vectors, _ = await batcher.embed(texts)
     finally:
         await batcher.stop()
-    np.testing.assert_allclose(vectors, alone(model, texts), atol=1e-5)
+    np.testing.assert_allclose(vectors, alone(model, texts), atol=DEFAULT_EMBED_ATOL)
     assert sorted((p.sequences, p.tokens) for p in recorder.passes) == [(1, 102), (2, 11)]
 
 
@@ -243,7 +244,7 @@ async def test_prompts_are_sorted_by_length_to_cut_padding(
         vectors, _ = await batcher.embed(texts)
     finally:
         await batcher.stop()
-    np.testing.assert_allclose(vectors, alone(model, texts), atol=1e-5)
+    np.testing.assert_allclose(vectors, alone(model, texts), atol=DEFAULT_EMBED_ATOL)
     assert len(recorder.passes) == 4
     # Sorted, every pass holds prompts of one length: no padding at all.
     assert [p.padded_tokens for p in recorder.passes] == [p.tokens for p in recorder.passes]
@@ -255,7 +256,7 @@ async def test_concurrent_requests_share_passes(
 ) -> None:
     texts = [sentence(3 + i % 7, shift=i) for i in range(16)]
     got, tokens = await embed_each(make_batcher(model, recorder), texts)
-    np.testing.assert_allclose(got, alone(model, texts), atol=1e-5)
+    np.testing.assert_allclose(got, alone(model, texts), atol=DEFAULT_EMBED_ATOL)
     assert len(recorder.passes) < len(texts)
     assert max(p.sequences for p in recorder.passes) > 1
     assert tokens == model.count_tokens(texts)
@@ -272,7 +273,7 @@ async def test_one_long_prompt_in_a_round_of_short_ones_runs_in_its_own_pass(
     long = sentence(400)  # cut at the model's limit
     texts = [*short[:7], long, *short[7:]]
     got, _ = await embed_each(make_batcher(model, recorder, pass_overhead_tokens=overhead), texts)
-    np.testing.assert_allclose(got, alone(model, texts), atol=1e-5)
+    np.testing.assert_allclose(got, alone(model, texts), atol=DEFAULT_EMBED_ATOL)
     # Padded together, the 16 prompts would cost 16 x 256 tokens; the long one runs alone.
     assert sorted(p.sequences for p in recorder.passes)[0] == 1
     longest = model.max_input_tokens
@@ -308,7 +309,7 @@ async def test_cancelled_callers_do_not_break_the_others(
     assert isinstance(done[2], asyncio.CancelledError)
     for texts, result in ((first, done[0]), (last, done[3])):
         assert isinstance(result, tuple)
-        np.testing.assert_allclose(result[0], alone(model, texts), atol=1e-5)
+        np.testing.assert_allclose(result[0], alone(model, texts), atol=DEFAULT_EMBED_ATOL)
     # Their later prompts were never embedded, and none is counted as waiting any more.
     assert sum(p.sequences for p in recorder.passes) == 1 + len(first + last)
     assert batcher.waiting_prompts == 0

@@ -13,6 +13,7 @@ import pytest
 from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
 from server.app import GlmApp
+from tests.devices import DEFAULT_EMBED_ATOL
 
 SENTENCES = ["The cat sits on the mat.", "你好，世界", "Quantum chromodynamics", "a"]
 
@@ -41,13 +42,13 @@ async def test_embed_matches_in_process_model(
     assert response.dimensions == 384
     assert [e.index for e in response.data] == list(range(len(SENTENCES)))
     expected = reference_model.encode(SENTENCES, convert_to_numpy=True)  # type: ignore[attr-defined]
-    np.testing.assert_allclose(vectors(response), expected, atol=1e-5)
+    np.testing.assert_allclose(vectors(response), expected, atol=DEFAULT_EMBED_ATOL)
 
 
 async def test_embed_keeps_input_order(stub: pb_grpc.GlmServiceStub) -> None:
     together = vectors(await stub.Embed(pb.EmbedRequest(prompt=SENTENCES)))
     reversed_ = vectors(await stub.Embed(pb.EmbedRequest(prompt=SENTENCES[::-1])))
-    np.testing.assert_allclose(together, reversed_[::-1], atol=1e-5)
+    np.testing.assert_allclose(together, reversed_[::-1], atol=DEFAULT_EMBED_ATOL)
     assert not np.allclose(together[0], together[1])
 
 
@@ -87,7 +88,7 @@ async def test_concurrent_embeds_share_forward_passes(
     batches = batcher.batches_run - before
     assert batches < len(texts), "concurrent calls should have been batched"
     got = np.stack([vectors(r)[0] for r in responses])
-    np.testing.assert_allclose(got, alone, atol=1e-5)
+    np.testing.assert_allclose(got, alone, atol=DEFAULT_EMBED_ATOL)
 
 
 async def test_tokenize_seed_semantics(stub: pb_grpc.GlmServiceStub) -> None:

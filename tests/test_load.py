@@ -31,6 +31,7 @@ from glm.v1 import glm_service_pb2_grpc as pb_grpc
 from server.app import GlmApp
 from server.engine.chat import ChatEngine
 from tests.conftest import default_specs, free_port, make_settings
+from tests.devices import DEFAULT_EMBED_ATOL
 
 pytestmark = pytest.mark.slow
 
@@ -158,7 +159,7 @@ async def test_concurrent_streams_and_embeds_complete_exactly_or_are_refused(
     assert all(message.strip() for message in refusals), refusals
     for i, vector in enumerate(embeds):
         assert isinstance(vector, np.ndarray), f"embed {i} was refused"
-        np.testing.assert_allclose(vector, alone_vector[i], atol=1e-5)
+        np.testing.assert_allclose(vector, alone_vector[i], atol=DEFAULT_EMBED_ATOL)
     await wait_until_idle(engine_of(small.app))
 
 

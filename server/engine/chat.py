@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from server.config import CHAT_MAX_BATCH_TOKENS
 from server.domain import ChatRequest, GenerationEvent
+from server.engine.batching import SequenceBatch
 from server.engine.scheduler import Item, Job, Scheduler, SchedulerCounters
 from server.engine.tool_calls import detect_tool_calls
 from server.errors import (
@@ -67,6 +68,7 @@ class ChatEngine:
         self._max_concurrent = max_concurrent
         self._max_waiting = max_waiting
         self._max_new_tokens = max_new_tokens
+        self._max_batch_tokens = max_batch_tokens
         self._places = asyncio.Semaphore(max_concurrent)
         self._waiting = 0
         self._running = 0
@@ -101,6 +103,16 @@ class ChatEngine:
     def counters(self) -> SchedulerCounters:
         """Forward passes, decoded tokens and prefilled tokens so far (tests, metrics)."""
         return self._scheduler.counters
+
+    @property
+    def max_batch_tokens(self) -> int:
+        """Tokens one scheduler step feeds (server/engine/scheduler.py)."""
+        return self._max_batch_tokens
+
+    @property
+    def batch(self) -> SequenceBatch | None:
+        """The model side of the batch (None until the scheduler has opened it)."""
+        return self._scheduler.batch
 
     @property
     def cache_bytes(self) -> int | None:

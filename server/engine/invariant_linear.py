@@ -30,6 +30,7 @@ give a row the same result in another place of the call).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -199,31 +200,92 @@ def _call_sizes(max_rows: int) -> list[int]:
     return sizes
 
 
-def _row_bits(kernel: Kernel, size: int, weight: torch.Tensor, x: torch.Tensor) -> bytes | None:
-    """Row 0's result bytes in a `size`-row call, or None where the call is not invariant.
+def _bits(t: torch.Tensor) -> bytes:
+    """The bytes of `t`, whatever its dtype (numpy has no bfloat16: read them as raw bytes)."""
+    return bytes(t.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+
+
+# Half-precision probes: how many result rows they compare, and the exponents (base 2) of
+# their inputs' small values and of the largest term they plant (see `_probe_input`).
+_HALF_PROBE_ROWS = 32
+_SMALL = -10
+_PLANTED = 13
+
+
+def _full_precision(weight: torch.Tensor) -> bool:
+    return weight.dtype in (torch.float32, torch.float64)
+
+
+def _probe_rows(weight: torch.Tensor) -> int:
+    """Result rows a probe compares: row 0 in full precision, more in half precision."""
+    return 1 if _full_precision(weight) else _HALF_PROBE_ROWS
+
+
+def _probe_input(weight: torch.Tensor, rows: int, generator: torch.Generator) -> torch.Tensor:
+    """`rows` probe rows for calls of `weight`, on its device and in its dtype.
+
+    In full precision, normal random rows: another summation order shows in the result's last
+    bits. A half-precision result rounds most such differences away (two float32 sums that
+    differ in their last bits mostly round to one float16), so there each row makes one result,
+    output j, show them: small values, but for two weights w[j, p] and w[j, q] the inputs
+    c * w[j, q] and -c * w[j, p] add +A and -A exactly. Output j is then small, and the rounding
+    of its partial sums at A's scale, which depends on the order the terms are added in, is
+    far above its half-precision spacing.
+    """
+    x = torch.randn(rows, weight.shape[1], generator=generator)
+    if _full_precision(weight) or weight.shape[1] < 2:
+        return x.to(weight.device, weight.dtype)
+    x *= 2.0**_SMALL
+    w = weight.detach().float().cpu()
+    # The planted inputs meet every output's weights: no product may leave the dtype's range.
+    largest = max(1.0, float(w.abs().max()))
+    outputs = torch.randint(w.shape[0], (rows,), generator=generator)
+    for r, j in enumerate(outputs.tolist()):
+        row = w[j]
+        # Two of the output's larger weights, so that A is large.
+        strong = torch.nonzero(row.abs() >= row.abs().median()).flatten()
+        if strong.numel() < 2:
+            continue
+        chosen = strong[torch.randperm(strong.numel(), generator=generator)[:2]]
+        p, q = int(chosen[0]), int(chosen[1])
+        larger = max(abs(float(row[p])), abs(float(row[q])))
+        scale = 2.0 ** math.floor(math.log2(2.0**_PLANTED / largest / larger))
+        x[r, p] = scale * row[q]
+        x[r, q] = -scale * row[p]
+    return x.to(weight.device, weight.dtype)
+
+
+def _row_bits(
+    kernel: Kernel, size: int, weight: torch.Tensor, x: torch.Tensor, rows: int = 1
+) -> bytes | None:
+    """The result bytes of x's first `rows` rows in `size`-row calls, or None where the calls
+    are not invariant (`x` holds at least rows + 2 * size rows).
 
     Invariant: a row's result ignores its place in the call (reversed rows give reversed
     results) and the other rows (replaced, row 0 is unchanged).
     """
-    rows = x[:size].contiguous()
-    full = kernel(weight, rows).contiguous()
-    if size > 1:
-        if not torch.equal(kernel(weight, rows.flip(0).contiguous()), full.flip(0)):
-            return None
-        others = rows.clone()
-        others[1:] = x[size : 2 * size - 1]
-        if not torch.equal(kernel(weight, others)[0], full[0]):
-            return None
-    return bytes(full[0].cpu().numpy().tobytes())
+    results = []
+    for at in range(0, rows, size):
+        part = x[at : at + size].contiguous()
+        full = kernel(weight, part).contiguous()
+        if size > 1:
+            if not torch.equal(kernel(weight, part.flip(0).contiguous()), full.flip(0)):
+                return None
+            others = part.clone()
+            others[1:] = x[at + size : at + 2 * size - 1]
+            if not torch.equal(kernel(weight, others)[0], full[0]):
+                return None
+        results.append(full)
+    return _bits(torch.cat(results)[:rows])
 
 
 def _classes(
-    kernel: Kernel, sizes: list[int], probe: tuple[torch.Tensor, torch.Tensor]
+    kernel: Kernel, sizes: list[int], probe: tuple[torch.Tensor, torch.Tensor], rows: int = 1
 ) -> list[list[int]]:
-    """The invariant call sizes of `kernel`, grouped by the bits they give a row."""
+    """The invariant call sizes of `kernel`, grouped by the bits they give `rows` rows."""
     by_bits: dict[bytes, list[int]] = {}
     for size in sizes:
-        bits = _row_bits(kernel, size, *probe)
+        bits = _row_bits(kernel, size, *probe, rows)
         if bits is not None:
             by_bits.setdefault(bits, []).append(size)
     return list(by_bits.values())
@@ -320,12 +382,13 @@ def choose_plans(
     summary: list[str] = []
     for key, layers in by_shape.items():
         weight = layers[0].weight
-        x = torch.randn(2 * sizes[-1], weight.shape[1], generator=generator)
-        x = x.to(weight.device, weight.dtype)
+        rows = _probe_rows(weight)
+        x_rows = 2 * sizes[-1] if rows == 1 else rows + 2 * sizes[-1]
+        x = _probe_input(weight, x_rows, generator)
         candidates = [
             (name, cls)
             for name, kernel in KERNELS.items()
-            for cls in _classes(kernel, sizes, (weight, x))
+            for cls in _classes(kernel, sizes, (weight, x), rows)
         ]
         timed = {(name, size) for name, cls in candidates for size in cls}
         # A warm-up round, then the best of two interleaved rounds: another process's burst of
@@ -392,7 +455,7 @@ def _size_invariant_from(
         shifted = call(x[:size].contiguous()).contiguous()
         if not torch.equal(shifted[shift:], full[: size - shift]):
             break
-        bits = bytes(full[:head].cpu().numpy().tobytes())
+        bits = _bits(full[:head])
         if reference is None:
             reference = bits
         elif bits != reference:
@@ -435,9 +498,7 @@ def shared_pass_min_rows(
     for key, m in by_shape.items():
         plan = plans[key]
         weight, bias = m.weight, m.bias
-        x = torch.randn(max_pass_rows + 3, weight.shape[1], generator=generator)
-        x = x.to(weight.device, weight.dtype)
-
+        x = _probe_input(weight, max_pass_rows + 3, generator)
         call = partial(_large_pass, plan.large_kernel, weight, bias=bias)
         found = _size_invariant_from(call, sizes, x, head=max_rows + 1)
         if found is None:

@@ -8,7 +8,8 @@ sequence's prompt in its own row, or (a shared prefill pass) a chunk of each of 
 sequences in one row of the pass, each token written to its own slot. The caller's 4-D additive
 attention mask says, per row, which positions hold that row's tokens (transformers models use a
 caller's 4-D mask as it is), and the position ids say where each new token is, so rows of
-different lengths need no shifting.
+different lengths need no shifting. On a GPU (server/engine/device_profile.py) a prompt chunk
+takes no mask: its attention is a causal kernel over exactly its slot's positions so far.
 
 Why not `DynamicCache` with left padding: it cannot take a new sequence into a running batch or
 drop one without rebuilding every layer's tensors, and shifting a sequence changes the attention's
@@ -34,25 +35,29 @@ computation a row goes through gives bit-identical results whatever the other ro
 - Prefill: chunks' boundaries depend only on their prompt (server/engine/scheduler.py). A chunk
   shares a pass only when it is at least `shared_prefill_min_tokens` long, the pass size from
   which the linear layers give a row the same bits whatever the size (probed when the batch is
-  opened); its attention is one SDPA call over its own slot, with the shapes and mask it has
-  alone. So a chunk is computed the same way alone or shared, whatever else runs.
+  opened); its attention is one SDPA call over its own slot, with the shapes and mask (or, on a
+  GPU, the causal kernel) it has alone. So a chunk is computed the same way alone or shared,
+  whatever else runs.
 A seeded sampled request is reproducible in a batch for the same reason.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from server.engine.batching import SequenceBatch
+from server.engine.device_profile import DeviceProfile, available_bytes, profile_for
 from server.engine.invariant_linear import (
     LinearPlan,
     ShapeKey,
@@ -60,15 +65,24 @@ from server.engine.invariant_linear import (
     install,
     shared_pass_min_rows,
 )
+from server.errors import ResourceExhaustedError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KV_BLOCK", "KVSlotCache", "SlotBatch", "unsupported_reason"]
+__all__ = ["KV_BLOCK", "KVMemoryError", "KVSlotCache", "SlotBatch", "unsupported_reason"]
 
 # Keys are attended over in multiples of this many positions (see "Batch invariance" above).
 KV_BLOCK = 64
 # Memory grows by whole multiples of this many positions, so that it is rarely reallocated.
 _GROW = 256
+# Where free device memory is checked (a GPU): the share of it the key/value cache may take when
+# it grows; the rest is left to the activations of the passes.
+_KV_SHARE = 0.9
+_GIB = 1 << 30
+
+
+class KVMemoryError(ResourceExhaustedError):
+    """The key/value cache cannot grow: its device has too little free memory left."""
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -112,12 +126,41 @@ class _Segment:
     end: int
     slot: int
     kv_len: int
-    # (1, 1, end - start, kv_len): the additive mask the chunk has when it runs alone.
-    mask: torch.Tensor
+    # (1, 1, end - start, kv_len): the additive mask the chunk has when it runs alone; None: no
+    # mask, a causal kernel over the slot's first kv_len positions (see `_causal_attention`).
+    mask: torch.Tensor | None
 
 
 # The attention implementation SlotBatch gives the model: SDPA, except in decode passes.
 ATTENTION = "kv_slots_sdpa"
+
+
+def _causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+) -> torch.Tensor:
+    """A prompt chunk's attention with no materialized mask, in the layout attention returns.
+
+    The chunk's queries are the last of the keys' positions (`key` holds exactly the positions up
+    to the chunk's end), so the causal pattern is aligned to the lower right; when the chunk is the
+    whole prompt so far, it is the plain causal one, which flash attention takes. Key/value head
+    groups are passed as they are (`enable_gqa`), not repeated for every query head.
+    """
+    q_len, kv_len = query.shape[2], key.shape[2]
+    gqa = query.shape[1] != key.shape[1]
+    if q_len == kv_len:
+        out = F.scaled_dot_product_attention(
+            query, key, value, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa
+        )
+    else:
+        bias = causal_lower_right(q_len, kv_len)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling, enable_gqa=gqa
+        )
+    return out.transpose(1, 2).contiguous()
 
 
 def _attention(
@@ -142,20 +185,24 @@ def _attention(
         # A shared prefill pass: each chunk attends over its own slot exactly as it would alone
         # (same query, key and mask shapes and values, so the same bits); `key` and `value` are
         # every slot's memory.
-        parts = [
-            sdpa_attention_forward(
-                module,
-                query[:, :, s.start : s.end],
-                key[s.slot : s.slot + 1, :, : s.kv_len],
-                value[s.slot : s.slot + 1, :, : s.kv_len],
-                s.mask.to(query.device),
-                dropout=dropout,
-                scaling=scaling,
-                **kwargs,
-            )[0]
-            for s in segments
-        ]
+        parts = []
+        for s in segments:
+            q = query[:, :, s.start : s.end]
+            k = key[s.slot : s.slot + 1, :, : s.kv_len]
+            v = value[s.slot : s.slot + 1, :, : s.kv_len]
+            if s.mask is None:
+                parts.append(_causal_attention(q, k, v, dropout, scaling))
+            else:
+                mask = s.mask.to(query.device)
+                parts.append(
+                    sdpa_attention_forward(
+                        module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs
+                    )[0]
+                )
         return torch.cat(parts, dim=1), None
+    if kwargs.pop("kv_slots_causal", False):
+        # A chunk alone without a mask: `key` and `value` end where the chunk ends.
+        return _causal_attention(query, key, value, dropout, scaling), None
     if not kwargs.pop("kv_slots_decode", False):
         return sdpa_attention_forward(  # type: ignore[no-any-return]
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -167,8 +214,10 @@ def _attention(
     scale = dim**-0.5 if scaling is None else scaling
     # Query heads that share a key/value head (grouped-query attention) are stacked on the query
     # axis, so the keys and values are read as they are rather than repeated for every head.
-    grouped = query.reshape(batch, kv_heads, group * q_len, dim)
-    scores = torch.matmul(grouped, key.transpose(2, 3)) * scale
+    # Scaled before the product: in float16 an unscaled q·k can pass the largest float16 (inf,
+    # then NaN after the softmax) where the scaled score is an ordinary number.
+    grouped = (query * scale).reshape(batch, kv_heads, group * q_len, dim)
+    scores = torch.matmul(grouped, key.transpose(2, 3))
     # mask (batch, 1, q, kv) -> (batch, 1, 1, q, kv) against scores (batch, kv_heads, group, q, kv).
     scores = scores.view(batch, kv_heads, group, q_len, kv_len) + attention_mask.unsqueeze(2)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
@@ -245,12 +294,31 @@ class KVSlotCache(Cache):  # type: ignore[misc]  # transformers is untyped here
 
     Set `plan` before each forward pass. Memory is allocated on the first pass (on each layer's
     device), grown by `reserve` and given back by `shrink` and `clear`.
+
+    With `checked` (a GPU), `reserve` first checks that each device has the memory: the cache may
+    take `_KV_SHARE` of what is available there, and grows at least twofold when that fits.
+    `position_bytes` is one position of one row in one layer (keys and values), `layer_devices`
+    where each layer's memory lives, and `free_memory` tells what a device has available.
     """
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        *,
+        checked: bool = False,
+        position_bytes: int = 0,
+        layer_devices: Sequence[torch.device] = (),
+        free_memory: Callable[[torch.device], int | None] | None = None,
+    ) -> None:
         super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
         self.capacity = (0, 0)
         self.plan = _Plan(0, 0, torch.zeros(0, 0, dtype=torch.long), 0)
+        self._checked = checked
+        self._position_bytes = position_bytes
+        self._layers_on: dict[torch.device, int] = {}
+        for device in layer_devices:
+            self._layers_on[device] = self._layers_on.get(device, 0) + 1
+        self._free_memory = free_memory
 
     def _layers(self) -> Iterator[_SlotLayer]:
         for layer in self.layers:
@@ -258,11 +326,45 @@ class KVSlotCache(Cache):  # type: ignore[misc]  # transformers is untyped here
             yield layer
 
     def reserve(self, rows: int, length: int) -> None:
-        """Make room for `rows` rows of `length` positions (grows, never shrinks)."""
+        """Make room for `rows` rows of `length` positions (grows, never shrinks).
+
+        Raises KVMemoryError, holding what it held, when a checked device lacks the memory.
+        """
         have_rows, have_len = self.capacity
         if rows <= have_rows and length <= have_len:
             return
-        self._resize(max(rows, have_rows), max(_round_up(length, _GROW), have_len))
+        rows, length = max(rows, have_rows), max(_round_up(length, _GROW), have_len)
+        if self._checked and self._layers_on:
+            doubled = 2 * have_len
+            if doubled > length and self._shortfall(rows, doubled) is None:
+                length = doubled
+            short = self._shortfall(rows, length)
+            if short is not None:
+                raise KVMemoryError(
+                    f"the key/value cache cannot grow to {rows} sequences of {length} positions: "
+                    f"{short}; fewer concurrent sequences (max_concurrent) or shorter contexts "
+                    "(context_length) need less"
+                )
+        self._resize(rows, length)
+
+    def _shortfall(self, rows: int, length: int) -> str | None:
+        """What a device lacks to hold (rows, length) in every layer; None when all have it."""
+        have_rows, have_len = self.capacity
+        for device, layers in self._layers_on.items():
+            available = (self._free_memory or available_bytes)(device)
+            if available is None:
+                continue
+            new = layers * self._position_bytes * rows * length
+            held = layers * self._position_bytes * have_rows * have_len
+            # Each layer is copied into its new memory before its old memory goes: the last
+            # layer's old copy is still held when all the new memory is.
+            extra = new - held + held // layers
+            if extra > _KV_SHARE * available:
+                return (
+                    f"{device} has {available / _GIB:.2f} GiB available and it would take "
+                    f"{extra / _GIB:.2f} GiB more"
+                )
+        return None
 
     def shrink(self, rows: int, length: int) -> None:
         """Give memory back when less than half of it is still needed."""
@@ -282,6 +384,11 @@ class KVSlotCache(Cache):  # type: ignore[misc]  # transformers is untyped here
         for layer in self._layers():
             layer.resize(rows, length)
         self.capacity = (rows, length)
+
+    @property
+    def layers_on(self) -> dict[torch.device, int]:
+        """How many layers keep their keys and values on each device."""
+        return dict(self._layers_on)
 
     @property
     def nbytes(self) -> int:
@@ -322,11 +429,17 @@ class SlotBatch(SequenceBatch):
     """Sequences in the slots of a `KVSlotCache`, advanced by batched forward passes."""
 
     def __init__(
-        self, causal_lm: Any, device: torch.device, max_sequences: int, max_pass_tokens: int = 0
+        self,
+        causal_lm: Any,
+        device: torch.device,
+        max_sequences: int,
+        max_pass_tokens: int = 0,
+        profile: DeviceProfile | None = None,
     ) -> None:
         super().__init__(max_sequences)
         self._lm = causal_lm
         self._device = device
+        self._profile = profile_for(device) if profile is None else profile
         config = causal_lm.config
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         self._dtype: torch.dtype = causal_lm.dtype
@@ -340,7 +453,20 @@ class SlotBatch(SequenceBatch):
                     "near-ties between a lone and a batched run",
                     type(causal_lm).__name__,
                 )
-        self._cache = KVSlotCache(int(text.num_hidden_layers))
+        # Only `_attention` knows how to run a chunk without its mask.
+        self._masked_prefill = (
+            self._profile.masked_prefill or config._attn_implementation != ATTENTION
+        )
+        layers = int(text.num_hidden_layers)
+        self._cache = KVSlotCache(
+            layers,
+            checked=self._profile.kv_memory_checked,
+            position_bytes=_position_bytes(text, self._dtype),
+            layer_devices=_layer_devices(causal_lm, layers, device),
+        )
+        # Where transformers picks the kept positions out of the last hidden states: the last
+        # device of a model split over several.
+        self._hidden_device = _hidden_states_device(causal_lm, device)
         self._linear_plans = choose_plans(causal_lm, max_sequences, max_pass_tokens)
         install(causal_lm, self._linear_plans)
         # Chunks share a pass only where both their linear layers (probed) and their attention
@@ -369,6 +495,16 @@ class SlotBatch(SequenceBatch):
     def cache(self) -> KVSlotCache:
         """The key/value memory."""
         return self._cache
+
+    @property
+    def profile(self) -> DeviceProfile:
+        """The device-dependent choices this batch runs with."""
+        return self._profile
+
+    @property
+    def hidden_states_device(self) -> torch.device:
+        """Where the kept logits' positions go (the device of the model's last hidden states)."""
+        return self._hidden_device
 
     @property
     def cache_bytes(self) -> int:
@@ -403,12 +539,20 @@ class SlotBatch(SequenceBatch):
         # Spread over several GPUs, the logits come out on the last one.
         return logits.to(self._device, torch.float32)
 
-    def _chunk(self, slot: int, token_ids: Sequence[int]) -> tuple[torch.Tensor, int, torch.Tensor]:
-        """(positions (q,), kv_len, mask (1, 1, q, kv_len)) of a chunk appended to `slot`."""
+    def _chunk(
+        self, slot: int, token_ids: Sequence[int]
+    ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        """(positions (q,), kv_len, mask (1, 1, q, kv_len)) of a chunk appended to `slot`.
+
+        Without masked prefill the mask is None and kv_len the chunk's end: a causal kernel
+        reads exactly the positions up to it.
+        """
         start = self._lengths[slot]
         end = start + len(token_ids)
-        kv_len = _round_up(end, KV_BLOCK)
         positions = torch.arange(start, end, device=self._device)
+        if not self._masked_prefill:
+            return positions, end, None
+        kv_len = _round_up(end, KV_BLOCK)
         keys = torch.arange(kv_len, device=self._device)
         # Causal within the chunk, and everything before it: query i sees keys 0..start+i.
         visible = keys.unsqueeze(0) <= positions.unsqueeze(1)
@@ -420,7 +564,13 @@ class SlotBatch(SequenceBatch):
         self._cache.reserve(slot + 1, kv_len)
         self._cache.plan = _Plan(slot, 1, positions[None], kv_len)
         ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self._device)
-        logits = self._run(ids, mask, positions[None], kv_slots_decode=False)
+        if mask is None:
+            # The mask argument only passes through to `_attention`, which uses none here.
+            logits = self._run(
+                ids, self._placeholder(len(token_ids)), positions[None], kv_slots_causal=True
+            )
+        else:
+            logits = self._run(ids, mask, positions[None], kv_slots_decode=False)
         self._lengths[slot] += len(token_ids)
         return logits[0]
 
@@ -450,13 +600,18 @@ class SlotBatch(SequenceBatch):
         positions = torch.cat(all_positions)[None]
         self._cache.plan = _Plan(0, 0, positions, 0, slots=tuple(slots))
         fed = torch.tensor([[t for _, chunk in chunks for t in chunk]], device=self._device)
-        last = torch.tensor([s.end - 1 for s in segments], device=self._device)
+        last = torch.tensor([s.end - 1 for s in segments], device=self._hidden_device)
         # The mask argument is only passed through to `_attention`, which uses each segment's.
-        placeholder = torch.zeros((1, 1, start, 1), dtype=self._dtype, device=self._device)
-        logits = self._run(fed, placeholder, positions, last, kv_slots_segments=segments)
+        logits = self._run(
+            fed, self._placeholder(start), positions, last, kv_slots_segments=segments
+        )
         for slot, chunk in chunks:
             self._lengths[slot] += len(chunk)
         return list(logits)
+
+    def _placeholder(self, tokens: int) -> torch.Tensor:
+        """A 4-D mask argument that transformers passes through as it is (never read)."""
+        return torch.zeros((1, 1, tokens, 1), dtype=self._dtype, device=self._device)
 
     @torch.inference_mode()
     def decode(self, tokens: Mapping[int, int]) -> Mapping[int, torch.Tensor]:
@@ -469,12 +624,16 @@ class SlotBatch(SequenceBatch):
         lengths = self._lengths[:rows]
         kv_len = _round_up(max(lengths) + 1, KV_BLOCK)
         self._cache.reserve(rows, kv_len)
-        positions = torch.tensor(lengths, dtype=torch.long, device=self._device).unsqueeze(1)
-        real = torch.tensor([r in tokens for r in range(rows)], device=self._device).unsqueeze(1)
+        # Each row's (token, position, real) in one transfer to the device.
+        host = torch.tensor(
+            [(tokens.get(r, 0), lengths[r], r in tokens) for r in range(rows)], dtype=torch.long
+        )
+        table = host.to(self._device)
+        ids, positions = table[:, 0:1].contiguous(), table[:, 1:2].contiguous()
+        real = table[:, 2:3].bool()
         keys = torch.arange(kv_len, device=self._device).unsqueeze(0)
         visible = (keys <= positions) & (real | (keys == positions))
         self._cache.plan = _Plan(0, rows, positions, kv_len)
-        ids = torch.tensor([[tokens.get(r, 0)] for r in range(rows)], device=self._device)
         logits = self._run(
             ids, self._mask(visible)[:, None, None, :], positions, kv_slots_decode=True
         )
@@ -490,3 +649,86 @@ class SlotBatch(SequenceBatch):
             self._cache.clear()
             return
         self._cache.shrink(max(used) + 1, _round_up(max(self._lengths), KV_BLOCK))
+
+
+def _position_bytes(text_config: Any, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one position takes in one layer of one row."""
+    heads = int(text_config.num_attention_heads)
+    kv_heads = int(getattr(text_config, "num_key_value_heads", None) or heads)
+    head_dim = getattr(text_config, "head_dim", None) or int(text_config.hidden_size) // heads
+    return 2 * kv_heads * int(head_dim) * torch.empty((), dtype=dtype).element_size()
+
+
+def _module_device(module: torch.nn.Module) -> torch.device | None:
+    """Where `module` computes by itself: accelerate's execution device, else its weights'."""
+    hook = getattr(module, "_hf_hook", None)
+    execution = getattr(hook, "execution_device", None)
+    if execution is not None:
+        return (
+            torch.device("cuda", execution)
+            if isinstance(execution, int)
+            else torch.device(execution)
+        )
+    for parameter in module.parameters():
+        if parameter.device.type != "meta":
+            return parameter.device
+    return None
+
+
+def _mapped(causal_lm: Any, name: str, default: torch.device) -> torch.device | None:
+    """The device accelerate's `hf_device_map` gives module `name` (or the part holding it)."""
+    device_map = getattr(causal_lm, "hf_device_map", None)
+    if not isinstance(device_map, Mapping):
+        return None
+    for prefix in sorted(device_map, key=len, reverse=True):
+        if not prefix or name == prefix or name.startswith(prefix + "."):
+            where = device_map[prefix]
+            if isinstance(where, int):
+                return torch.device("cuda", where)
+            # Offloaded weights ("disk", "cpu" beside GPUs) run on the main device.
+            return default if where in ("disk", "cpu") else torch.device(where)
+    return None
+
+
+def _located(causal_lm: Any, module: torch.nn.Module, default: torch.device) -> torch.device:
+    """Where `module` of `causal_lm` computes: its dispatch hook's device, else the device map's,
+    else its weights'."""
+    hook = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if hook is None:
+        name = next((n for n, m in causal_lm.named_modules() if m is module), None)
+        mapped = None if name is None else _mapped(causal_lm, name, default)
+        if mapped is not None:
+            return mapped
+    return _module_device(module) or default
+
+
+def _decoder_layers(causal_lm: Any) -> list[torch.nn.Module]:
+    base = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else None
+    layers = getattr(base, "layers", None)
+    return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
+
+
+def _layer_devices(causal_lm: Any, count: int, default: torch.device) -> list[torch.device]:
+    """The device of each attention layer's keys and values (the layer's own)."""
+    layers = _decoder_layers(causal_lm)
+    if len(layers) != count:
+        return [default] * count
+    return [_located(causal_lm, layer, default) for layer in layers]
+
+
+def _hidden_states_device(causal_lm: Any, default: torch.device) -> torch.device:
+    """Where the base model's last hidden states are: where its final norm computes.
+
+    transformers applies a tensor `logits_to_keep` to those hidden states before the output
+    layer, so the index must be there: on a model split over several GPUs, the last one.
+    """
+    base = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else None
+    norm = getattr(base, "norm", None)
+    if isinstance(norm, torch.nn.Module):
+        return _located(causal_lm, norm, default)
+    output = (
+        causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
+    )
+    if isinstance(output, torch.nn.Module):
+        return _located(causal_lm, output, default)
+    return default

@@ -11,14 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from server.config import (
-    CHAT_MAX_BATCH_TOKENS,
-    EMBED_MAX_BATCH_TOKENS,
-    MAX_MODEL_ID_CHARS,
-    ModelSpec,
-)
+from server.config import EMBED_MAX_BATCH_TOKENS, MAX_MODEL_ID_CHARS, ModelSpec
 from server.domain import ModelInfo, ModelKind, ModelLimits
 from server.engine.chat import ChatEngine
+from server.engine.device_profile import profile_for
 from server.engine.embed import EmbedBatcher, measure_pass_overhead
 from server.engine.threads import run_in_fresh_thread, run_via
 from server.errors import (
@@ -161,7 +157,8 @@ class ModelRegistry:
             max_concurrent=spec.max_concurrent,
             max_waiting=spec.max_waiting,
             max_new_tokens=spec.max_new_tokens,
-            max_batch_tokens=spec.max_batch_tokens or CHAT_MAX_BATCH_TOKENS,
+            # Unset, the step size is the device's (server/engine/device_profile.py).
+            max_batch_tokens=spec.max_batch_tokens or profile_for(model.device).chat_step_tokens,
             max_wait_s=spec.batch_wait_ms / 1000.0,
             observer=self.observer(spec.id),
         )

@@ -45,6 +45,13 @@ class TokenSampler:
         """Whether tokens are chosen by argmax rather than drawn."""
         return self._greedy
 
+    @property
+    def uses_history(self) -> bool:
+        """Whether picks read the ids so far (the repetition penalty does; nothing else)."""
+        return bool(self._processors) and isinstance(
+            self._processors[0], RepetitionPenaltyLogitsProcessor
+        )
+
     def _build_processors(self, params: SamplingParams) -> list[_Processor]:
         """The transformers processors to apply, in order, leaving out those that are no-ops."""
         processors: list[_Processor] = []
@@ -64,16 +71,30 @@ class TokenSampler:
 
     def __call__(self, history: torch.Tensor, logits: torch.Tensor) -> int:
         """Return the next token id given the ids so far (1-D) and the next-token logits (1-D)."""
+        return int(self.pick(history, logits).item())
+
+    def pick(self, history: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+        """The next token id as a 0-d tensor on the sampler's device, not yet read back.
+
+        `history`: the ids so far (1-D), needed only where `uses_history`. The scheduler reads
+        every sequence's pick in one transfer per step: on a GPU each read is a sync.
+        """
         with torch.inference_mode():
-            # The processors work on batches: input_ids (batch, seq) and scores (batch, vocab).
-            # A 1-D history must not be passed as is: the repetition penalty would read it as a
-            # batch of one-token sequences. float32 keeps bf16/fp16 logits from losing precision in
-            # the softmax and the cumulative sums of top-p.
-            input_ids = history.to(device=self._device, dtype=torch.long).reshape(1, -1)
+            # float32 keeps bf16/fp16 logits from losing precision in the softmax and the
+            # cumulative sums of top-p.
             scores = logits.to(device=self._device, dtype=torch.float32).reshape(1, -1)
-            for processor in self._processors:
-                scores = processor(input_ids, scores)
+            if self._processors:
+                if history is None:
+                    if self.uses_history:
+                        raise ValueError("the repetition penalty needs the ids so far")
+                    history = torch.zeros(0, dtype=torch.long, device=self._device)
+                # The processors work on batches: input_ids (batch, seq) and scores (batch,
+                # vocab). A 1-D history must not be passed as is: the repetition penalty would
+                # read it as a batch of one-token sequences.
+                input_ids = history.to(device=self._device, dtype=torch.long).reshape(1, -1)
+                for processor in self._processors:
+                    scores = processor(input_ids, scores)
             if self._greedy:
-                return int(scores.argmax(dim=-1).item())
+                return scores[0].argmax()
             probs = torch.softmax(scores, dim=-1)
-            return int(torch.multinomial(probs, num_samples=1, generator=self._generator).item())
+            return torch.multinomial(probs, num_samples=1, generator=self._generator)[0, 0]

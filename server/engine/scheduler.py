@@ -105,9 +105,14 @@ class _Sequence:
         self.stops = StopStringMatcher(params.stop)
         self.stop_ids = model.stop_token_ids | frozenset(params.stop_token_ids)
         n_prompt = len(job.prompt_ids)
-        # Prompt and generated ids, for the repetition penalty; preallocated, read as a prefix.
-        self.history = torch.empty(n_prompt + job.max_new_tokens, dtype=torch.long)
-        self.history[:n_prompt] = torch.tensor(job.prompt_ids, dtype=torch.long)
+        # Prompt and generated ids, only for a repetition penalty: preallocated on the sampler's
+        # device, read as a prefix, and each pick written in place there (no copy per step).
+        self.history: torch.Tensor | None = None
+        if self.sampler.uses_history:
+            self.history = torch.empty(
+                n_prompt + job.max_new_tokens, dtype=torch.long, device=model.device
+            )
+            self.history[:n_prompt] = torch.tensor(job.prompt_ids, dtype=torch.long)
         self.length = n_prompt
         self.prefilled = 0
         self.generated = 0
@@ -118,9 +123,17 @@ class _Sequence:
     def prompt_left(self) -> int:
         return len(self.job.prompt_ids) - self.prefilled
 
-    def accept(self, logits: torch.Tensor) -> tuple[str, FinishReason | None]:
-        """Pick the next token from `logits`; return the text it releases and why it ended."""
-        token = self.sampler(self.history[: self.length], logits)
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token from `logits`, on the device (`accept` takes it once read back)."""
+        history = self.history
+        token = self.sampler.pick(None if history is None else history[: self.length], logits)
+        if history is not None and self.length < history.shape[0]:
+            # Kept only if `accept` moves `length` past it.
+            history[self.length] = token
+        return token
+
+    def accept(self, token: int) -> tuple[str, FinishReason | None]:
+        """Take the picked token; return the text it releases and why the sequence ended."""
         self.generated += 1
         if token in self.stop_ids:
             return "", FinishReason.STOP
@@ -129,7 +142,6 @@ class _Sequence:
             return text, FinishReason.STOP
         if self.generated >= self.job.max_new_tokens:
             return text, FinishReason.LENGTH
-        self.history[self.length] = token
         self.length += 1
         self.next_token = token
         return text, None
@@ -382,8 +394,7 @@ class Scheduler:
                 self._leave(seq, exc)
             return len(decoding)
         self._report("decode", len(decoding), batch.decode_rows, time.perf_counter() - started)
-        for seq in decoding:
-            self._advance(seq, logits[seq.slot])
+        self._sample([(seq, logits[seq.slot]) for seq in decoding])
         self._flush()
         return len(decoding)
 
@@ -412,11 +423,13 @@ class Scheduler:
             self._report("prefill", len(group), tokens, time.perf_counter() - started)
             ran = True
             budget -= tokens
+            complete = []
             for (seq, _, end), logits in zip(group, results, strict=True):
                 seq.prefilled = end
                 if seq.prompt_left == 0:
                     self._prefilling.remove(seq)
-                    self._advance(seq, logits)
+                    complete.append((seq, logits))
+            self._sample(complete)
             self._flush()  # first texts go out now, not after the other prompts
 
     def _next_chunks(self, budget: int, *, first: bool) -> list[tuple[_Sequence, int, int]]:
@@ -448,10 +461,34 @@ class Scheduler:
                 break
         return group
 
-    def _advance(self, seq: _Sequence, logits: torch.Tensor) -> None:
-        """Let `seq` pick its next token; send its text; let it leave when it has ended."""
+    def _sample(self, pairs: list[tuple[_Sequence, torch.Tensor]]) -> None:
+        """Each sequence picks its next token from its logits, then advances.
+
+        The picks are read back in one transfer: on a GPU, each read waits for the device.
+        """
+        picked: list[tuple[_Sequence, torch.Tensor]] = []
+        for seq, logits in pairs:
+            try:
+                picked.append((seq, seq.pick(logits)))
+            except Exception as exc:
+                log.exception("sampling failed")
+                self._leave(seq, exc)
+        if not picked:
+            return
         try:
-            text, finish = seq.accept(logits)
+            tokens: list[int] = torch.stack([token for _, token in picked]).tolist()
+        except Exception as exc:  # a device error surfaces when the picks are read
+            log.exception("sampling failed (%d sequences)", len(picked))
+            for seq, _ in picked:
+                self._leave(seq, exc)
+            return
+        for (seq, _), token in zip(picked, tokens, strict=True):
+            self._advance(seq, token)
+
+    def _advance(self, seq: _Sequence, token: int) -> None:
+        """Let `seq` take its next token; send its text; let it leave when it has ended."""
+        try:
+            text, finish = seq.accept(token)
         except Exception as exc:
             log.exception("sampling failed")
             self._leave(seq, exc)

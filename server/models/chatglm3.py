@@ -6,9 +6,12 @@ tokenizer and the prompt format are implemented here (chatglm3_tokenizer.py, cha
 and tool calls are parsed without eval (chatglm3_tools.py).
 
 Devices: one GPU (float16 unless configured), the CPU (float32 or bfloat16; slow but it works), or,
-with device = "auto" on a machine with several GPUs, the layers split over all of them by
-accelerate's device_map="auto" (transformers places each layer and moves activations between GPUs;
-input ids go to the GPU holding the embeddings).
+with device = "auto" on a machine with several GPUs, the GPU with the most free memory when the
+model fits it, else the layers split over all of them by accelerate's device_map="auto"
+(transformers places each layer and moves activations between GPUs; input ids go to the GPU
+holding the embeddings). A split model is a pipeline whose GPUs work one after another on each
+pass, so a model that fits one GPU serves more as one replica per GPU (a server per GPU) than
+split over all of them.
 """
 
 from __future__ import annotations
@@ -27,12 +30,23 @@ from server.models.base import ChatModel, KVCache, TokenDecoder
 from server.models.chatglm3_prompt import PromptMessage, build_prompt_ids
 from server.models.chatglm3_tokenizer import ChatGLM3Tokenizer
 from server.models.chatglm3_tools import format_tool_call, try_parse_tool_call
-from server.models.chatglm3_weights import converted_chatglm3, local_checkpoint
+from server.models.chatglm3_weights import (
+    converted_chatglm3,
+    expected_shapes,
+    glm_config_from_chatglm,
+    local_checkpoint,
+    read_chatglm_config,
+)
 from server.models.sources import ModelLoadError, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChatGLM3Model", "to_prompt_message"]
+__all__ = ["ChatGLM3Model", "one_gpu_for", "to_prompt_message"]
+
+# A model goes whole onto one GPU when its weights take at most this share of that GPU's free
+# memory; the rest is for the key/value cache and the activations.
+_ONE_GPU_SHARE = 0.8
+_GIB = 1 << 30
 
 
 def to_prompt_message(message: ChatMessage) -> PromptMessage:
@@ -51,8 +65,8 @@ def to_prompt_message(message: ChatMessage) -> PromptMessage:
     return PromptMessage(message.role.value, message.content)
 
 
-def _placement(spec: ModelSpec) -> tuple[torch.device, torch.dtype, str | None]:
-    """The main device, the dtype, and accelerate's device_map when the model spans GPUs."""
+def _placement(spec: ModelSpec) -> tuple[torch.device, torch.dtype]:
+    """The main device and the dtype."""
     device = resolve_device(spec)
     dtype = resolve_dtype(spec, device)
     if device.type == "cpu" and dtype == torch.float16:
@@ -60,8 +74,46 @@ def _placement(spec: ModelSpec) -> tuple[torch.device, torch.dtype, str | None]:
         raise ModelLoadError(
             f"model {spec.id!r}: float16 is not supported on CPU; use float32 or bfloat16"
         )
-    multi_gpu = spec.device == "auto" and device.type == "cuda" and torch.cuda.device_count() > 1
-    return device, dtype, "auto" if multi_gpu else None
+    return device, dtype
+
+
+def one_gpu_for(weights_bytes: int, free_bytes: Sequence[int]) -> int | None:
+    """The GPU (index into `free_bytes`) that holds a whole model, or None: split it.
+
+    The GPU with the most free memory, where the weights take at most _ONE_GPU_SHARE of it.
+    """
+    if not free_bytes:
+        return None
+    best = max(range(len(free_bytes)), key=lambda i: free_bytes[i])
+    return best if weights_bytes <= _ONE_GPU_SHARE * free_bytes[best] else None
+
+
+def _weights_bytes(folder: Path, dtype: torch.dtype) -> int:
+    """What the checkpoint's weights take in `dtype`, from its config."""
+    shapes = expected_shapes(glm_config_from_chatglm(read_chatglm_config(folder)))
+    count = sum(int(torch.Size(shape).numel()) for shape in shapes.values())
+    return count * torch.empty((), dtype=dtype).element_size()
+
+
+def _gpus(spec: ModelSpec, device: torch.device, weights_bytes: int) -> tuple[torch.device, bool]:
+    """The device to load onto, and whether to split over every GPU (device = "auto" only)."""
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if spec.device != "auto" or count < 2:
+        return device, False
+    free = [int(torch.cuda.mem_get_info(i)[0]) for i in range(count)]
+    gpu = one_gpu_for(weights_bytes, free)
+    if gpu is None:
+        return device, True
+    log.info(
+        "model %s fits one GPU (%.1f GiB of weights, %.1f GiB free on cuda:%d): it runs there, "
+        "not split over %d GPUs; run a server per GPU (CUDA_VISIBLE_DEVICES) to use the others",
+        spec.id,
+        weights_bytes / _GIB,
+        free[gpu] / _GIB,
+        gpu,
+        count,
+    )
+    return torch.device("cuda", gpu), False
 
 
 class ChatGLM3Model(ChatModel):
@@ -71,7 +123,7 @@ class ChatGLM3Model(ChatModel):
         from transformers import GlmForCausalLM
 
         self._spec = spec
-        device, dtype, device_map = _placement(spec)
+        device, dtype = _placement(spec)
         folder = local_checkpoint(spec)
         try:
             self._tokenizer = ChatGLM3Tokenizer.from_file(folder / "tokenizer.model")
@@ -82,8 +134,9 @@ class ChatGLM3Model(ChatModel):
                 f"({exc}); only ChatGLM3 checkpoints load this way"
             ) from exc
         converted = converted_chatglm3(spec, folder, cache_dir)
-        if device_map is not None:
-            model = GlmForCausalLM.from_pretrained(converted, dtype=dtype, device_map=device_map)
+        device, split = _gpus(spec, device, _weights_bytes(folder, dtype))
+        if split:
+            model = GlmForCausalLM.from_pretrained(converted, dtype=dtype, device_map="auto")
             device = model.get_input_embeddings().weight.device
         else:
             model = GlmForCausalLM.from_pretrained(converted, dtype=dtype).to(device)
@@ -108,7 +161,7 @@ class ChatGLM3Model(ChatModel):
             dtype,
             self._context_length,
             model.config.rope_parameters["rope_theta"],
-            ", split over GPUs" if device_map else "",
+            ", split over GPUs" if split else "",
         )
 
     @property

@@ -61,8 +61,9 @@ class _Packing:
 
     # (texts, longest): the packed position of each text's j-th token (0 past its end).
     gather: torch.Tensor
-    # (texts, longest): True where a text has a j-th token.
-    valid: torch.Tensor
+    # (tokens,): where each packed token is in the flattened (texts * longest) block. An index
+    # built once per pass: a boolean mask would cost a device-to-host sync in every layer.
+    scatter: torch.Tensor
     # (texts, 1, 1, longest): the key mask of the padded block.
     key_mask: torch.Tensor
 
@@ -88,7 +89,9 @@ def _attention(
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.key_mask, scale=scaling)
     # (texts, heads, longest, dim) -> (tokens, heads, dim) -> (1, tokens, heads, dim), the
     # layout attention functions return.
-    return out.transpose(1, 2)[packing.valid].unsqueeze(0), None
+    texts, heads, longest, dim = out.shape
+    block = out.transpose(1, 2).reshape(texts * longest, heads, dim)
+    return block.index_select(0, packing.scatter).unsqueeze(0), None
 
 
 AttentionInterface.register(ATTENTION, _attention)
@@ -167,22 +170,23 @@ class PackedEncoder:
         if "token_type_ids" in features:
             inputs["token_type_ids"] = features["token_type_ids"][mask].unsqueeze(0).to(device)
         valid = mask.to(device)
-        packing = _Packing(packed_at.to(device), valid, valid[:, None, None, :])
-        inputs[_PACKING_KWARG] = packing
+        gather = packed_at.to(device)
+        scatter = mask.flatten().nonzero().flatten().to(device)
+        inputs[_PACKING_KWARG] = _Packing(gather, scatter, valid[:, None, None, :])
         hidden = self._encoder(**inputs).last_hidden_state[0]  # (tokens, hidden)
         lengths = lengths.to(device)
         if self._pooling == "cls":
             starts = torch.cumsum(lengths, 0) - lengths
-            pooled = hidden[starts]
+            pooled = hidden[starts].float()
         else:
-            texts_of = torch.repeat_interleave(torch.arange(len(texts), device=device), lengths)
-            sums = torch.zeros(
-                len(texts), hidden.shape[1], dtype=hidden.dtype, device=device
-            ).index_add_(0, texts_of, hidden)
-            pooled = sums / lengths.clamp(min=1).unsqueeze(1).to(hidden.dtype)
+            # Summed in float32 and in a fixed order per text (its padded row, padding zeroed):
+            # half-precision sums lose digits, and scattered adds (index_add_ on a GPU) are
+            # atomics whose order, and so whose result, changes from run to run.
+            rows = hidden.float()[gather] * valid.unsqueeze(2)
+            pooled = rows.sum(dim=1) / lengths.clamp(min=1).unsqueeze(1)
         if self._normalize:
             pooled = F.normalize(pooled, p=2, dim=1)
-        return np.asarray(pooled.float().cpu().numpy(), dtype=np.float32)
+        return np.asarray(pooled.cpu().numpy(), dtype=np.float32)
 
 
 def _pooling_mode(module: Any) -> str | None:

@@ -85,8 +85,13 @@ def _log_call(call: CallRecord, status: str, ended: float) -> None:
     }
     if call.first_token_at is not None:
         fields["ttft_ms"] = round((call.first_token_at - call.started) * 1000, 2)
+    # The API key's name, never the key (server/transport/auth.py); absent when keys are off.
+    key = ""
+    if call.key is not None:
+        fields["key"] = call.key
+        key = f" key={call.key}"
     log.info(
-        "%s %s %.1f ms id=%s model=%s tokens_in=%s tokens_out=%s",
+        "%s %s %.1f ms id=%s model=%s tokens_in=%s tokens_out=%s%s",
         call.rpc,
         status,
         duration_ms,
@@ -94,6 +99,7 @@ def _log_call(call: CallRecord, status: str, ended: float) -> None:
         call.model or "-",
         "-" if call.tokens_in is None else call.tokens_in,
         "-" if call.tokens_out is None else call.tokens_out,
+        key,
         extra=fields,
     )
 

@@ -1,6 +1,8 @@
-"""Builds the grpc.aio server: GlmService, health, reflection and the error interceptor."""
+"""Builds the grpc.aio server: GlmService, health, reflection, the error and auth interceptors."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -12,6 +14,7 @@ from glm.v1 import http_gateway_pb2 as gw
 from glm.v1 import http_gateway_pb2_grpc as gw_grpc
 from server.memory import MemoryReleaser
 from server.metrics import Metrics
+from server.transport.auth import AuthInterceptor
 from server.transport.errors import ErrorInterceptor
 from server.transport.reflection import enable_reflection
 
@@ -50,14 +53,21 @@ def build_server(
     gateway: gw_grpc.HttpGatewayServiceServicer | None = None,
     metrics: Metrics | None = None,
     memory: MemoryReleaser | None = None,
+    auth: AuthInterceptor | None = None,
+    reflection: bool = True,
 ) -> grpc.aio.Server:
     """A server with every service registered and no port bound yet.
 
     With `metrics`, every glm.* call is counted and timed in it; with `memory`, large calls are
-    followed by giving freed memory back (see server/transport/errors.py).
+    followed by giving freed memory back (see server/transport/errors.py). With `auth`, every
+    glm.* call needs an API key (server/transport/auth.py); it runs inside the error
+    interceptor, so refused calls are logged and counted like the others.
     """
+    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [ErrorInterceptor(metrics, memory)]
+    if auth is not None:
+        interceptors.append(auth)
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(metrics, memory)],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -73,5 +83,6 @@ def build_server(
         served.append(GATEWAY_SERVICE)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     served.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
-    enable_reflection(tuple(served), server)
+    if reflection:
+        enable_reflection(tuple(served), server)
     return server

@@ -157,7 +157,7 @@ def raw_http(gateway: Gateway, request: bytes) -> tuple[int, str, bytes]:
     [
         (b"GET /models HTTP/1.0\r\nHost: x\r\n\r\n", 426, "failed_precondition"),
         (
-            b"GET /models?q=" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /models?q=" + b"a" * 24_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
             431,
             "resource_exhausted",
         ),

@@ -158,3 +158,29 @@ def test_chunks_of_the_probed_size_get_their_rows_bits_in_any_larger_pass() -> N
             assert torch.equal(net(big[start:end]), whole[start:end]), (start, end)
     # Nothing can share a pass that is no larger than a decode pass.
     assert shared_pass_min_rows(net, plans, max_pass_rows=8) is None
+
+
+def test_half_precision_probes_see_another_summation_order() -> None:
+    """Rounding to bfloat16 hides most differences in summation order; the probe's planted
+    inputs make them show, so call sizes that add terms in another order get other classes."""
+    from server.engine.invariant_linear import _probe_input, _probe_rows
+
+    def by_order(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # Exact products summed one by one in float32, backwards for odd call sizes (two code
+        # paths of a BLAS), then rounded to the weight's dtype as a half-precision GEMM does.
+        terms = x.float()[:, None, :] * weight.float()[None, :, :]
+        if x.shape[0] % 2:
+            terms = terms.flip(-1)
+        total = torch.zeros(terms.shape[:2])
+        for k in range(terms.shape[-1]):  # each addition rounded to float32
+            total = total + terms[..., k]
+        return total.to(weight.dtype)
+
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(48, 64, generator=generator) / 8).to(torch.bfloat16)
+    rows = _probe_rows(weight)
+    assert rows > 1
+    probe = (weight, _probe_input(weight, rows + 8, generator))
+    assert sorted(_classes(by_order, [1, 2, 3, 4], probe, rows)) == [[1, 3], [2, 4]]
+    # The planted values are exact in the dtype and the results finite.
+    assert torch.isfinite(by_order(*probe)).all()

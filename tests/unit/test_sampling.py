@@ -175,3 +175,31 @@ def test_empty_history_is_fine() -> None:
     logits = _logits(9)
     sampler = TokenSampler(SamplingParams(temperature=0.0, repetition_penalty=1.3))
     assert sampler(torch.empty(0, dtype=torch.long), logits) == int(logits.argmax())
+
+
+def test_pick_leaves_the_token_on_the_device_and_agrees_with_a_call() -> None:
+    for params in (
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.8, top_k=5, top_p=0.9, seed=7),
+        SamplingParams(temperature=0.0, repetition_penalty=1.5),
+    ):
+        picker, caller = TokenSampler(params), TokenSampler(params)
+        for seed in range(20):
+            logits = _logits(seed)
+            picked = picker.pick(_history(3, 4), logits)
+            assert isinstance(picked, torch.Tensor)
+            assert picked.dim() == 0
+            assert picked.device == logits.device
+            assert int(picked) == caller(_history(3, 4), logits)
+
+
+def test_only_a_repetition_penalty_needs_the_history() -> None:
+    assert not TokenSampler(SamplingParams(temperature=0.0)).uses_history
+    assert not TokenSampler(SamplingParams(temperature=0.7, top_k=3, top_p=0.5)).uses_history
+    penalized = TokenSampler(SamplingParams(temperature=0.7, repetition_penalty=1.2))
+    assert penalized.uses_history
+    # Without a penalty no history is needed; with one, its absence is an error, not a guess.
+    sampler = TokenSampler(SamplingParams(temperature=0.7, top_k=3, seed=1))
+    assert 0 <= int(sampler.pick(None, _logits(0))) < VOCAB
+    with pytest.raises(ValueError, match="ids so far"):
+        penalized.pick(None, _logits(0))

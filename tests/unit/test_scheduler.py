@@ -229,3 +229,80 @@ def test_other_model_work_runs_on_the_scheduler_thread_between_steps(
     # Once stopping, calls are refused (their callers run them elsewhere).
     assert not scheduler.call_between_steps(call("late"))
     assert len(ran) == 2
+
+
+class CountingBatch(RecordingBatch):
+    """Every pass's logits pick token 2 + slot (never the stop token): sequences run to length."""
+
+    def _slot_logits(self, slot: int) -> torch.Tensor:
+        logits = torch.zeros(VOCAB)
+        logits[2 + slot] = 1.0
+        return logits
+
+    def prefill(self, slot: int, token_ids: Sequence[int]) -> torch.Tensor:
+        super().prefill(slot, token_ids)
+        return self._slot_logits(slot)
+
+    def prefill_shared(self, chunks: Sequence[tuple[int, Sequence[int]]]) -> list[torch.Tensor]:
+        super().prefill_shared(chunks)
+        return [self._slot_logits(slot) for slot, _ in chunks]
+
+    def decode(self, tokens: Mapping[int, int]) -> Mapping[int, torch.Tensor]:
+        return {slot: self._slot_logits(slot) for slot in tokens}
+
+
+def test_each_step_reads_every_sequences_token_back_in_one_transfer(
+    monkeypatch: pytest.MonkeyPatch, loop: asyncio.AbstractEventLoop
+) -> None:
+    """On a GPU each read of a picked token waits for the device: one read per step, whatever
+    the number of sequences, and no per-sequence `.item()`."""
+    batch = CountingBatch(8, 12)
+    monkeypatch.setattr(scheduler_module, "open_batch", lambda *args: batch)
+    monkeypatch.setattr(scheduler_module, "ARRIVAL_GAP_S", 0.5)
+    reads: list[int] = []
+    tolist = torch.Tensor.tolist
+
+    def counted(self: torch.Tensor) -> Any:
+        reads.append(self.numel())
+        return tolist(self)
+
+    def refused(self: torch.Tensor) -> Any:
+        raise AssertionError("a sampled token was read back on its own")
+
+    scheduler = Scheduler(
+        MODEL,  # type: ignore[arg-type]  # the scheduler reads only these attributes
+        max_concurrent=8,
+        max_batch_tokens=256,
+        max_wait_s=5,
+    )
+    scheduler.wait_open()
+    done = threading.Semaphore(0)
+    queues: list[asyncio.Queue[Any]] = []
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    monkeypatch.setattr(torch.Tensor, "item", refused)
+    try:
+        for penalty in (1.0, 1.3, 1.0):  # one of them reads its history on the device
+            request = ChatRequest(
+                model="m",
+                messages=(ChatMessage(Role.USER, "hi"),),
+                sampling=SamplingParams(temperature=0.0, max_tokens=4, repetition_penalty=penalty),
+            )
+            queue: asyncio.Queue[Any] = asyncio.Queue()
+            queues.append(queue)
+            scheduler.submit(Job(request, [1] * 40, 4, loop, queue, on_done=done.release))
+        for _ in range(3):
+            while not done.acquire(timeout=0.01):
+                loop.run_until_complete(asyncio.sleep(0))
+    finally:
+        monkeypatch.undo()
+        scheduler.stop()
+        scheduler.join(10)
+    counters = scheduler.counters
+    # One shared prefill pass gives the three first tokens; three decode passes the others.
+    assert (counters.prefill_passes, counters.decode_passes) == (1, 3)
+    assert reads == [3, 3, 3, 3]
+    for queue in queues:
+        events = []
+        while not queue.empty():
+            events.append(queue.get_nowait())
+        assert events[-1].usage.completion_tokens == 4

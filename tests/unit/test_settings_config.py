@@ -27,6 +27,8 @@ def test_environment_then_flags() -> None:
         "GLM_WARMUP": "false",
         "GLM_SHUTDOWN_GRACE_S": "2.5",
         "GLM_CONFIG": "/tmp/models.toml",
+        # 0.0.0.0 without API keys needs the explicit opt-out (protected mode).
+        "GLM_AUTH": "none",
     }
     from_env = load_settings([], environ=env)
     assert from_env.grpc_address == "0.0.0.0:6000"
