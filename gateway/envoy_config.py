@@ -504,10 +504,8 @@ def render(target: EnvoyTarget) -> str:
         cors_origins=json.dumps(origins),
         max_body_bytes=target.max_body_bytes,
         # The Host refusal comes first: the catch-all mappers by status class would take it.
-        local_reply_mappers=_host_refusal_mapper(" " * 20).lstrip("
-")
-        + "
-"
+        local_reply_mappers=_host_refusal_mapper(" " * 20).lstrip("\n")
+        + "\n"
         + _local_reply_mappers(" " * 20),
         method_routes=_method_routes(" " * 24),
         json_routes=_lua_set(json_routes()),
