@@ -67,7 +67,8 @@ def test_a_json_routes_path_with_another_method_is_answered_405_with_allow() -> 
     assert set(allowed) == {*json_routes(), "/v1/models/"}
     for route in routes:
         [method] = route["match"]["headers"]
-        assert method["name"] == ":method" and method["invert_match"] is True
+        assert method["name"] == ":method"
+        assert method["invert_match"] is True
 
 
 def test_every_local_reply_gets_the_json_error_shape() -> None:
