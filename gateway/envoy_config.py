@@ -248,7 +248,8 @@ def _method_routes(indent: str) -> str:
         allowed.setdefault((rule.path, rule.prefix), []).append(rule.method)
     lines = []
     for (path, prefix), methods in allowed.items():
-        regex = "^(" + "|".join(sorted(set(methods))) + ")$"
+        # OPTIONS passes on: a CORS preflight is the CORS filter's to answer on the route below.
+        regex = "^(" + "|".join(sorted({*methods, "OPTIONS"})) + ")$"
         lines += [
             f"{indent}- match:",
             f"{indent}    {'prefix' if prefix else 'path'}: {json.dumps(path)}",

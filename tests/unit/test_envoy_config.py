@@ -69,6 +69,10 @@ def test_a_json_routes_path_with_another_method_is_answered_405_with_allow() -> 
         [method] = route["match"]["headers"]
         assert method["name"] == ":method"
         assert method["invert_match"] is True
+        # CORS preflights (OPTIONS) pass on to the CORS filter instead of getting a 405.
+        allowed_methods = re.compile(method["string_match"]["safe_regex"]["regex"])
+        assert allowed_methods.match("OPTIONS")
+        assert not allowed_methods.match("DELETE")
 
 
 def test_every_local_reply_gets_the_json_error_shape() -> None:
