@@ -299,6 +299,7 @@ def sse_chat_tok_s(http_port: int, tokens: int) -> float:
         "messages": [{"role": "user", "content": defaults.DEFAULT_PROMPT}],
         "temperature": 0,
         "max_tokens": tokens,
+        "stream": True,  # the seed's /chat answers one object unless asked to stream
     }
     try:
         started = time.perf_counter()
@@ -307,7 +308,8 @@ def sse_chat_tok_s(http_port: int, tokens: int) -> float:
         elapsed = time.perf_counter() - started
     finally:
         conn.close()
-    events = [e for e in body.split(b"\n\n") if e.strip() and e.strip() != b"data: [DONE]"]
+    # The seed's framing: each event ends with a CRLF blank line.
+    events = [e for e in body.split(b"\r\n\r\n") if e.strip() and e.strip() != b"data: [DONE]"]
     usage = json.loads(events[-1].removeprefix(b"data: "))["usage"]
     return float(usage["completion_tokens"]) / elapsed
 

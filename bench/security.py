@@ -270,13 +270,14 @@ def sse_chat_tok_s(setup: Setup, tokens: int) -> float:
         "messages": [{"role": "user", "content": CHAT_PROMPT}],
         "temperature": 0,
         "max_tokens": tokens,
+        "stream": True,  # the seed's /chat answers one object unless asked to stream
     }
     started = time.perf_counter()
     conn.request("POST", "/chat", body=json.dumps(payload), headers=setup.headers())
     body = conn.getresponse().read()
     elapsed = time.perf_counter() - started
     conn.close()
-    events = [e for e in body.split(b"\n\n") if e.startswith(b"data: {")]
+    events = [e for e in body.split(b"\r\n\r\n") if e.startswith(b"data: {")]
     usage = json.loads(events[-1].removeprefix(b"data: "))["usage"]
     return float(usage["completion_tokens"]) / elapsed
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,43 +161,113 @@ def compose_target(settings: Settings) -> EnvoyTarget:
     )
 
 
-def _error_format(error_type: str, code: str) -> str:
-    body = {
-        "error": {"message": "%LOCAL_REPLY_BODY%", "type": error_type, "param": None, "code": code}
-    }
+def _error_format(error_type: str, code: str, *, detail: bool) -> str:
+    error = {"message": "%LOCAL_REPLY_BODY%", "type": error_type, "param": None, "code": code}
+    # The seed's routes answer with FastAPI's `detail` beside the error object, as the server
+    # does (server/service/json_api/seed.py).
+    body = {"detail": "%LOCAL_REPLY_BODY%", "error": error} if detail else {"error": error}
     return json.dumps(body)
 
 
 def _local_reply_mappers(indent: str) -> str:
-    """Mappers for the listed statuses, then one per class for the rest (the first match wins)."""
+    """Mappers for the listed statuses, then one per class for the rest (the first match wins);
+    each first for the seed's paths (a body with `detail`), then for any other."""
     lines = []
     filters = [("EQ", status, t, c) for status, t, c in _LOCAL_REPLY_TYPES]
     filters += [("GE", lowest, t, c) for lowest, t, c in _LOCAL_REPLY_CLASSES]
+    seed_paths = json.dumps(seed_path_regex())
     for op, status, error_type, code in filters:
+        comparison = [
+            "status_code_filter:",
+            "  comparison:",
+            f"    op: {op}",
+            f"    value: {{default_value: {status}, runtime_key: glm_api.local_reply}}",
+        ]
         lines += [
             f"{indent}- filter:",
-            f"{indent}    status_code_filter:",
-            f"{indent}      comparison:",
-            f"{indent}        op: {op}",
-            f"{indent}        value: {{default_value: {status}, runtime_key: glm_api.local_reply}}",
+            f"{indent}    and_filter:",
+            f"{indent}      filters:",
+            f"{indent}        - " + comparison[0],
+            *(f"{indent}          {line}" for line in comparison[1:]),
+            f"{indent}        - header_filter:",
+            f"{indent}            header:",
+            f'{indent}              name: ":path"',
+            f"{indent}              string_match: {{safe_regex: {{regex: {seed_paths}}}}}",
             f"{indent}  body_format_override:",
-            f"{indent}    json_format: {_error_format(error_type, code)}",
+            f"{indent}    json_format: {_error_format(error_type, code, detail=True)}",
+            f"{indent}- filter:",
+            *(f"{indent}    {line}" for line in comparison),
+            f"{indent}  body_format_override:",
+            f"{indent}    json_format: {_error_format(error_type, code, detail=False)}",
         ]
     return "\n".join(lines)
 
 
-def json_routes() -> tuple[str, ...]:
-    """The paths of the JSON routes: glm.v1.HttpGatewayService's HTTP rules."""
+@dataclass(frozen=True, slots=True)
+class HttpRule:
+    """One JSON route: its HTTP method, and its path (`prefix`: a path template's fixed start)."""
+
+    method: str
+    path: str
+    prefix: bool = False
+
+
+def http_rules() -> tuple[HttpRule, ...]:
+    """glm.v1.HttpGatewayService's HTTP rules, in the order of its methods."""
     service = http_gateway_pb2.DESCRIPTOR.services_by_name["HttpGatewayService"]
-    paths = []
+    rules = []
     for method in service.methods:
         for field, rule in method.GetOptions().ListFields():
             if field.full_name != annotations_pb2.http.full_name:
                 continue
             pattern = rule.WhichOneof("pattern")
-            if pattern is not None and pattern != "custom":
-                paths.append(str(getattr(rule, pattern)))
-    return tuple(paths)
+            if pattern is None or pattern == "custom":
+                continue
+            path = str(getattr(rule, pattern))
+            fixed, brace, _ = path.partition("{")
+            rules.append(HttpRule(pattern.upper(), fixed if brace else path, bool(brace)))
+    return tuple(rules)
+
+
+def json_routes() -> tuple[str, ...]:
+    """The exact paths of the JSON routes (those without path parameters)."""
+    return tuple(r.path for r in http_rules() if not r.prefix)
+
+
+def seed_path_regex() -> str:
+    """A regex of the seed's paths (the JSON routes outside /v1/), with any query string."""
+    seed_paths = [r.path for r in http_rules() if not r.prefix and not r.path.startswith("/v1/")]
+    return "^(" + "|".join(re.escape(p) for p in seed_paths) + r")(\?.*)?$"
+
+
+def _method_routes(indent: str) -> str:
+    """Routes that answer a JSON route's path with another method: 405 with Allow, before the
+    transcoder (which would answer 404)."""
+    allowed: dict[tuple[str, bool], list[str]] = {}
+    for rule in http_rules():
+        allowed.setdefault((rule.path, rule.prefix), []).append(rule.method)
+    lines = []
+    for (path, prefix), methods in allowed.items():
+        # OPTIONS passes on: a CORS preflight is the CORS filter's to answer on the route below.
+        regex = "^(" + "|".join(sorted({*methods, "OPTIONS"})) + ")$"
+        lines += [
+            f"{indent}- match:",
+            f"{indent}    {'prefix' if prefix else 'path'}: {json.dumps(path)}",
+            f"{indent}    headers:",
+            f'{indent}      - name: ":method"',
+            f"{indent}        string_match: {{safe_regex: {{regex: {json.dumps(regex)}}}}}",
+            f"{indent}        invert_match: true",
+            f"{indent}  direct_response:",
+            f"{indent}    status: 405",
+            f'{indent}    body: {{inline_string: "Method Not Allowed"}}',
+            f"{indent}  response_headers_to_add:",
+            f"{indent}    - header: {{key: allow, value: {json.dumps(', '.join(methods))}}}",
+            f"{indent}  typed_per_filter_config:",
+            f"{indent}    envoy.filters.http.grpc_json_transcoder:",
+            f'{indent}      "@type": type.googleapis.com/envoy.config.route.v3.FilterConfig',
+            f"{indent}      disabled: true",
+        ]
+    return "\n".join(lines)
 
 
 def _lua_set(paths: tuple[str, ...]) -> str:
@@ -437,6 +508,7 @@ def render(target: EnvoyTarget) -> str:
         local_reply_mappers=_host_refusal_mapper(" " * 20).lstrip("\n")
         + "\n"
         + _local_reply_mappers(" " * 20),
+        method_routes=_method_routes(" " * 24),
         json_routes=_lua_set(json_routes()),
         grpc_on_json_route=json.dumps(GRPC_ON_JSON_ROUTE),
         max_connections=target.max_connections,

@@ -41,6 +41,8 @@ class ModelSpec:
 
     id: str
     kind: ModelKind
+    # Other names requests may give for this model (the seed's ids, say); listed by ListModels.
+    aliases: tuple[str, ...] = ()
     # Where the weights come from: a local folder (used when it exists), a Hugging Face Hub id, or
     # an installed pip package that carries them (`package`, optionally a `subdir` inside it).
     path: Path | None = None
@@ -113,6 +115,15 @@ def _spec_from_table(table: dict[str, Any], index: int) -> ModelSpec:
     if kind is None:
         raise ConfigError(f"{where}: 'kind' must be one of {sorted(_KINDS)}")
     values = dict(table, kind=kind)
+    aliases = table.get("aliases", [])
+    if not isinstance(aliases, list) or not all(
+        isinstance(a, str) and a and len(a) <= MAX_MODEL_ID_CHARS for a in aliases
+    ):
+        raise ConfigError(
+            f"{where}: 'aliases' must be a list of non-empty strings of at most "
+            f"{MAX_MODEL_ID_CHARS} characters"
+        )
+    values["aliases"] = tuple(aliases)
     if "path" in values:
         values["path"] = Path(str(values["path"])).expanduser()
     if not any(values.get(k) for k in ("path", "hub_id", "package")):
@@ -167,10 +178,11 @@ def load_model_specs(path: Path) -> tuple[ModelSpec, ...]:
     if not isinstance(tables, list) or not tables:
         raise ConfigError(f"{path}: expected at least one [[models]] table")
     specs = tuple(_spec_from_table(t, i) for i, t in enumerate(tables))
-    ids = [s.id for s in specs]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    # A name (id or alias) must select one model.
+    names = [name for s in specs for name in (s.id, *s.aliases)]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ConfigError(f"{path}: duplicate model ids {duplicates}")
+        raise ConfigError(f"{path}: model ids or aliases used twice: {duplicates}")
     for kind in ModelKind:
         defaults = [s.id for s in specs if s.kind is kind and s.default]
         if len(defaults) > 1:

@@ -99,6 +99,12 @@ class ChatRequest:
     messages: tuple[ChatMessage, ...]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     tools: tuple[ToolSpec, ...] = ()
+    # A text continued as it is, without the chat template (OpenAI's completions); messages are
+    # then empty.
+    prompt: str | None = None
+    # A max_tokens beyond the model's limits caps the reply there instead of being refused (the
+    # seed's routes, as the seed did).
+    cap_max_tokens: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,3 +168,5 @@ class ModelInfo:
     ready: bool
     default: bool
     dimensions: int = 0
+    # Other names the model answers to (the models config's `aliases`).
+    aliases: tuple[str, ...] = ()

@@ -142,8 +142,13 @@ class ChatEngine:
             raise FailedPreconditionError(
                 f"model {request.model!r} has no tool format; send the request without tools"
             )
-        prompt_ids = self._model.build_prompt(request.messages, request.tools)
+        if request.prompt is not None:
+            prompt_ids = self._model.encode_text(request.prompt)
+        else:
+            prompt_ids = self._model.build_prompt(request.messages, request.tools)
         n_prompt = len(prompt_ids)
+        if n_prompt == 0:
+            raise InvalidArgumentError("the prompt holds no tokens; give it some text")
         limit = self._model.max_input_tokens
         if n_prompt > limit:
             raise InvalidArgumentError(
@@ -154,6 +159,8 @@ class ChatEngine:
         wanted = request.sampling.max_tokens
         if wanted is None:
             max_new = min(self._max_new_tokens, room)
+        elif request.cap_max_tokens:
+            max_new = min(wanted, self._max_new_tokens, room)
         elif wanted > self._max_new_tokens:
             raise InvalidArgumentError(
                 f"max_tokens is {wanted}, but model {request.model!r} generates at most "

@@ -71,6 +71,8 @@ class ModelRegistry:
         metrics: Metrics | None = None,
     ) -> None:
         self._entries = {s.id: _Entry(s) for s in specs}
+        # Each alias names the id of its model (the config checked that every name is unique).
+        self._aliases = {alias: s.id for s in specs for alias in s.aliases}
         self._metrics = metrics
         self._warmup = warmup
         self._cache_dir = cache_dir
@@ -196,9 +198,9 @@ class ModelRegistry:
             model_id = fallback
             if not model_id:
                 raise FailedPreconditionError(f"no model is configured for {default_kind.value}")
-        entry = self._entries.get(model_id)
+        entry = self._entries.get(self._aliases.get(model_id, model_id))
         if entry is None:
-            raise unknown_model(model_id, self._entries)
+            raise unknown_model(model_id, [*self._entries, *self._aliases])
         if kind is not None and entry.spec.kind is not kind:
             raise FailedPreconditionError(
                 f"model {model_id!r} is {_KIND_NAMES[entry.spec.kind]}, not "
@@ -258,6 +260,7 @@ class ModelRegistry:
                 ready=e.state is LoadState.READY,
                 default=self._defaults.get(e.spec.kind) == e.spec.id,
                 dimensions=e.model.dimensions if isinstance(e.model, EmbeddingModel) else 0,
+                aliases=e.spec.aliases,
             )
             for e in entries
         ]

@@ -89,6 +89,11 @@ class ChatModel(Model):
         Returns the float32 logits of the next token (1-D, vocabulary-sized) and the updated cache.
         """
 
+    def encode_text(self, text: str) -> list[int]:
+        """The ids of `text` continued as it is, without a chat template: what `tokenize` gives,
+        special prefix tokens included (OpenAI's completions route)."""
+        return list(self.tokenize(text, 2**31 - 1).token_ids)
+
     @property
     def supports_tools(self) -> bool:
         """Whether the model has a tool format: requests may offer tools and get tool calls."""

@@ -148,6 +148,11 @@ class TransformersChatModel(ChatModel):
             truncated=len(ids) > max_tokens,
         )
 
+    def encode_text(self, text: str) -> list[int]:
+        with self._lock:
+            ids = self._tokenizer(text, add_special_tokens=True)["input_ids"]
+        return [int(i) for i in ids]
+
     @torch.inference_mode()
     def forward(
         self, input_ids: Sequence[int], cache: KVCache | None

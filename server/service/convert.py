@@ -96,8 +96,37 @@ def _check_range(
         raise InvalidArgumentError(f"{name} must be in {bracket}{low:g}, {high:g}], got {value:g}")
 
 
-def chat_request_from_proto(request: pb.ChatRequest, model_id: str) -> ChatRequest:
-    """Validate a ChatRequest and turn it into the domain request for `model_id`."""
+def chat_request_from_proto(
+    request: pb.ChatRequest,
+    model_id: str,
+    *,
+    prompt: str | None = None,
+    cap_max_tokens: bool = False,
+) -> ChatRequest:
+    """Validate a ChatRequest and turn it into the domain request for `model_id`.
+
+    With `prompt` (OpenAI's completions), the text is continued as it is and the request holds
+    no messages; `cap_max_tokens` caps a max_tokens beyond the model's limits (the seed's routes).
+    """
+    messages: list[ChatMessage] = []
+    if prompt is None:
+        messages = _messages_from_proto(request)
+    elif request.messages or request.tools:
+        raise InvalidArgumentError("a completion request takes a prompt, not messages or tools")
+    elif not prompt:
+        raise InvalidArgumentError("prompt is empty; give it some text")
+    sampling = _sampling_from_proto(request)
+    return ChatRequest(
+        model=model_id,
+        messages=tuple(messages),
+        sampling=sampling,
+        tools=tools_from_proto(request.tools),
+        prompt=prompt,
+        cap_max_tokens=cap_max_tokens,
+    )
+
+
+def _messages_from_proto(request: pb.ChatRequest) -> list[ChatMessage]:
     if not request.messages:
         raise InvalidArgumentError("messages must hold at least one message")
     messages: list[ChatMessage] = []
@@ -125,7 +154,10 @@ def chat_request_from_proto(request: pb.ChatRequest, model_id: str) -> ChatReque
             "the last message must come from 'user' or 'observation', "
             f"not {messages[-1].role.value!r}"
         )
+    return messages
 
+
+def _sampling_from_proto(request: pb.ChatRequest) -> SamplingParams:
     defaults = SamplingParams()
     temperature = request.temperature if request.HasField("temperature") else defaults.temperature
     _check_range("temperature", temperature, 0.0, 2.0)
@@ -154,7 +186,7 @@ def chat_request_from_proto(request: pb.ChatRequest, model_id: str) -> ChatReque
         if token_id < 0:
             raise InvalidArgumentError(f"stop_token_ids[{i}] must not be negative, got {token_id}")
 
-    sampling = SamplingParams(
+    return SamplingParams(
         # float32 on the wire: 0.7 arrives as 0.699999988; round back to what the client meant.
         temperature=round(temperature, 6),
         top_p=round(top_p, 6),
@@ -164,12 +196,6 @@ def chat_request_from_proto(request: pb.ChatRequest, model_id: str) -> ChatReque
         max_tokens=max_tokens,
         stop=tuple(request.stop),
         stop_token_ids=tuple(request.stop_token_ids),
-    )
-    return ChatRequest(
-        model=model_id,
-        messages=tuple(messages),
-        sampling=sampling,
-        tools=tools_from_proto(request.tools),
     )
 
 
@@ -306,4 +332,5 @@ def model_to_proto(info: ModelInfo) -> pb.Model:
         max_batch_prompts=info.limits.max_batch_prompts,
         default=info.default,
         max_input_chars=info.limits.max_input_chars,
+        aliases=info.aliases,
     )

@@ -34,19 +34,30 @@ class GlmService(pb_grpc.GlmServiceServicer):
     # -- the pipeline, free of any transport ------------------------------------------------
 
     async def chat(
-        self, request: pb.ChatRequest, on_accepted: Callable[[], None] | None = None
+        self,
+        request: pb.ChatRequest,
+        on_accepted: Callable[[], None] | None = None,
+        *,
+        prompt: str | None = None,
+        cap_max_tokens: bool = False,
     ) -> AsyncGenerator[pb.ChatResponse, None]:
         """Stream the reply to `request` (one response only when request.stream is false).
 
         `on_accepted` is called once the request is valid and waits for its place in the engine
-        (ChatEngine.generate).
+        (ChatEngine.generate). The JSON routes also use two options the typed API does not
+        have: `prompt`, a text continued without the chat template (OpenAI's completions; the
+        request then holds no messages), and `cap_max_tokens`, which makes a max_tokens beyond
+        the model's limits cap the reply instead of being refused (the seed's routes).
         """
         model_id, engine = self._registry.chat(request.model)
         call = current_call()  # what the request log line and the metrics report
         call.note_model(model_id)
         limit = self._registry.spec(model_id).max_input_chars
-        convert.check_input_chars(convert.chat_chars(request), limit, model_id, "the request")
-        chat_request = convert.chat_request_from_proto(request, model_id)
+        chars = convert.chat_chars(request) + len(prompt or "")
+        convert.check_input_chars(chars, limit, model_id, "the request")
+        chat_request = convert.chat_request_from_proto(
+            request, model_id, prompt=prompt, cap_max_tokens=cap_max_tokens
+        )
         stream = request.stream if request.HasField("stream") else True
         deltas_only = request.chunk if request.HasField("chunk") else True
         call_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -15,28 +15,30 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.api.httpbody_pb2 import HttpBody
 
 from glm.v1 import glm_service_pb2 as pb
+from glm.v1 import http_gateway_pb2 as gw_pb
 from glm.v1 import http_gateway_pb2_grpc as gw_grpc
 from server.errors import GlmError, InternalError, InvalidArgumentError
 from server.metrics import current_call
 from server.service.glm_service import GlmService
-from server.service.json_api import openai, seed
+from server.service.json_api import common, openai, seed
 from server.service.json_api.common import (
     EVENT_STREAM,
-    SSE_DONE,
-    SSE_HEARTBEAT,
+    OPENAI_SSE,
+    SEED_SSE,
+    SSE_HEADERS,
     HttpReply,
+    SseFraming,
     check_content_type,
     error_object,
-    error_reply,
     json_reply,
     parsed,
-    sse_event,
 )
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,21 @@ STATUS_HEADER = "x-glm-http-status"
 HTTP_OK = 200
 Context = grpc.aio.ServicerContext[Any, Any]
 ChunkRenderer = Callable[[pb.ChatResponse], list[bytes]]
+# Starts a generation: called with the hook for "accepted, waiting for its place".
+Generate = Callable[[Callable[[], None]], AsyncGenerator[pb.ChatResponse, None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """What differs between the seed's routes and OpenAI's around any reply: how events are
+    framed and how an error is answered."""
+
+    sse: SseFraming
+    error_reply: Callable[[GlmError], HttpReply]
+
+
+SEED = Dialect(SEED_SSE, seed.error_reply)
+OPENAI = Dialect(OPENAI_SSE, common.error_reply)
 
 
 def _internal(exc: BaseException, route: str) -> InternalError:
@@ -86,23 +103,32 @@ class HttpGatewayService(gw_grpc.HttpGatewayServiceServicer):
         return HttpBody(content_type=reply.content_type, data=reply.body)
 
     async def _unary(
-        self, context: Context, route: str, work: Callable[[], Awaitable[HttpReply]]
+        self,
+        context: Context,
+        route: str,
+        work: Callable[[], Awaitable[HttpReply]],
+        dialect: Dialect,
     ) -> HttpBody:
         try:
             reply = await work()
         except GlmError as exc:
-            reply = error_reply(_failed(exc))
+            reply = dialect.error_reply(_failed(exc))
         except Exception as exc:
-            reply = error_reply(_failed(_internal(exc, route)))
+            reply = dialect.error_reply(_failed(_internal(exc, route)))
         return await self._send_unary(context, reply)
+
+    @staticmethod
+    async def _start_stream(context: Context) -> None:
+        await context.send_initial_metadata(((STATUS_HEADER, "200"), *SSE_HEADERS))
 
     async def _chat(
         self,
         context: Context,
         route: str,
-        parse: Callable[[], tuple[pb.ChatRequest, bool]],
+        parse: Callable[[], tuple[Generate, bool]],
         whole: Callable[[pb.ChatResponse], dict[str, Any]],
         chunk: ChunkRenderer,
+        dialect: Dialect,
     ) -> AsyncGenerator[HttpBody, None]:
         """Run a chat request; stream it as events or send it as one object.
 
@@ -118,9 +144,9 @@ class HttpGatewayService(gw_grpc.HttpGatewayServiceServicer):
         error: GlmError | None = None
         try:
             try:
-                request, stream = parse()
+                generate, stream = parse()
                 accepted = asyncio.Event()
-                responses = self._service.chat(request, on_accepted=accepted.set)
+                responses = generate(accepted.set)
                 if stream and self._heartbeat_s > 0:
                     # The first step runs as a task of its own, so that heartbeats can be sent
                     # while it waits.
@@ -130,9 +156,9 @@ class HttpGatewayService(gw_grpc.HttpGatewayServiceServicer):
                         if pending.done() or not accepted.is_set():
                             continue
                         if not started:
-                            await context.send_initial_metadata(((STATUS_HEADER, "200"),))
+                            await self._start_stream(context)
                             started = True
-                        yield HttpBody(content_type=EVENT_STREAM, data=SSE_HEARTBEAT)
+                        yield HttpBody(content_type=EVENT_STREAM, data=dialect.sse.heartbeat)
                     first = await pending
                 else:
                     first = await anext(responses)
@@ -140,7 +166,7 @@ class HttpGatewayService(gw_grpc.HttpGatewayServiceServicer):
                     yield await self._send(context, json_reply(whole(first)))
                     return
                 if not started:
-                    await context.send_initial_metadata(((STATUS_HEADER, "200"),))
+                    await self._start_stream(context)
                     started = True
                 yield HttpBody(content_type=EVENT_STREAM, data=b"".join(chunk(first)))
             except StopAsyncIteration:
@@ -151,24 +177,24 @@ class HttpGatewayService(gw_grpc.HttpGatewayServiceServicer):
                 error = _internal(exc, route)
             if error is not None:
                 if started:
-                    yield HttpBody(
-                        content_type=EVENT_STREAM, data=sse_event(error_object(_failed(error)))
-                    )
+                    event = dialect.sse.event(error_object(_failed(error)))
+                    yield HttpBody(content_type=EVENT_STREAM, data=event)
                 else:
-                    yield await self._send(context, error_reply(_failed(error)))
+                    yield await self._send(context, dialect.error_reply(_failed(error)))
                 return
             assert responses is not None
             try:
                 async for response in responses:
                     yield HttpBody(content_type=EVENT_STREAM, data=b"".join(chunk(response)))
-                yield HttpBody(content_type=EVENT_STREAM, data=SSE_DONE)
+                yield HttpBody(content_type=EVENT_STREAM, data=dialect.sse.done)
             except GlmError as exc:
-                yield HttpBody(
-                    content_type=EVENT_STREAM, data=sse_event(error_object(_failed(exc)))
-                )
+                event = dialect.sse.event(error_object(_failed(exc)))
+                yield HttpBody(content_type=EVENT_STREAM, data=event)
             except Exception as exc:
                 error = _failed(_internal(exc, route))
-                yield HttpBody(content_type=EVENT_STREAM, data=sse_event(error_object(error)))
+                yield HttpBody(
+                    content_type=EVENT_STREAM, data=dialect.sse.event(error_object(error))
+                )
         finally:
             if pending is not None and not pending.done():
                 # The caller left while the first response was awaited: the pending step of
@@ -182,16 +208,28 @@ class HttpGatewayService(gw_grpc.HttpGatewayServiceServicer):
     # -- the seed's routes -----------------------------------------------------------------
 
     async def SeedChat(self, request: HttpBody, context: Context) -> AsyncIterator[HttpBody]:
-        def parse() -> tuple[pb.ChatRequest, bool]:
-            check_content_type(request.content_type, "/chat")
-            typed = parsed(lambda: seed.chat_request(request.data))
-            return typed, seed.wants_stream(typed)
+        call: seed.SeedChat | None = None
+        stream = seed.SeedChatStream(deltas_only=True)
 
-        def chunk(response: pb.ChatResponse) -> list[bytes]:
-            return [sse_event(seed.chat_chunk(response))]
+        def parse() -> tuple[Generate, bool]:
+            nonlocal call, stream
+            check_content_type(request.content_type, "/chat")
+            call = parsed(lambda: seed.chat_request(request.data))
+            stream = seed.SeedChatStream(deltas_only=call.request.chunk)
+            typed = call.request
+
+            def generate(on_accepted: Callable[[], None]) -> AsyncGenerator[pb.ChatResponse, None]:
+                # A max_tokens beyond the model's limits caps the reply, as the seed did.
+                return self._service.chat(typed, on_accepted, cap_max_tokens=True)
+
+            return generate, call.stream
+
+        def whole(response: pb.ChatResponse) -> dict[str, Any]:
+            assert call is not None
+            return seed.chat_completion(response, call)
 
         async with contextlib.aclosing(
-            self._chat(context, "/chat", parse, seed.chat_completion, chunk)
+            self._chat(context, "/chat", parse, whole, lambda r: stream.events(r), SEED)
         ) as replies:
             async for reply in replies:
                 yield reply
@@ -203,7 +241,7 @@ class HttpGatewayService(gw_grpc.HttpGatewayServiceServicer):
             response = await self._service.embed(typed)
             return json_reply(seed.embedding(response))
 
-        return await self._unary(context, "/embedding", work)
+        return await self._unary(context, "/embedding", work, SEED)
 
     async def SeedTokenize(self, request: HttpBody, context: Context) -> HttpBody:
         async def work() -> HttpReply:
@@ -212,35 +250,78 @@ class HttpGatewayService(gw_grpc.HttpGatewayServiceServicer):
             response = await self._service.tokenize(typed)
             return json_reply(seed.tokenization(response))
 
-        return await self._unary(context, "/tokenize", work)
+        return await self._unary(context, "/tokenize", work, SEED)
 
     async def SeedListModels(self, request: HttpBody, context: Context) -> HttpBody:
         async def work() -> HttpReply:
             return json_reply(seed.model_list(await self._service.list_models()))
 
-        return await self._unary(context, "/models", work)
+        return await self._unary(context, "/models", work, SEED)
 
     # -- OpenAI's routes ---------------------------------------------------------------------
 
     async def OpenAiChatCompletions(
         self, request: HttpBody, context: Context
     ) -> AsyncIterator[HttpBody]:
-        include_usage = False
+        stream = openai.ChatStream(include_usage=False)
 
-        def parse() -> tuple[pb.ChatRequest, bool]:
-            nonlocal include_usage
+        def parse() -> tuple[Generate, bool]:
+            nonlocal stream
             check_content_type(request.content_type, "/v1/chat/completions")
-            typed, stream, include_usage = parsed(lambda: openai.chat_request(request.data))
-            return typed, stream
+            typed, streamed, include_usage = parsed(lambda: openai.chat_request(request.data))
+            stream = openai.ChatStream(include_usage)
 
-        def chunk(response: pb.ChatResponse) -> list[bytes]:
-            events = [sse_event(openai.chat_chunk(response))]
-            if include_usage and response.HasField("usage"):
-                events.append(sse_event(openai.usage_chunk(response)))
-            return events
+            def generate(on_accepted: Callable[[], None]) -> AsyncGenerator[pb.ChatResponse, None]:
+                return self._service.chat(typed, on_accepted)
+
+            return generate, streamed
 
         async with contextlib.aclosing(
-            self._chat(context, "/v1/chat/completions", parse, openai.chat_completion, chunk)
+            self._chat(
+                context,
+                "/v1/chat/completions",
+                parse,
+                openai.chat_completion,
+                lambda r: stream.events(r),
+                OPENAI,
+            )
+        ) as replies:
+            async for reply in replies:
+                yield reply
+
+    async def OpenAiCompletions(
+        self, request: HttpBody, context: Context
+    ) -> AsyncIterator[HttpBody]:
+        call: openai.CompletionCall | None = None
+        stream: openai.CompletionStream | None = None
+
+        def parse() -> tuple[Generate, bool]:
+            nonlocal call, stream
+            check_content_type(request.content_type, "/v1/completions")
+            call = parsed(lambda: openai.completion_request(request.data))
+            stream = openai.CompletionStream(call)
+            typed, prompts = call.request, call.prompts
+
+            def generate(on_accepted: Callable[[], None]) -> AsyncGenerator[pb.ChatResponse, None]:
+                accepted = _CountDown(len(prompts), on_accepted)
+                generations = [
+                    self._service.chat(typed, accepted.one, prompt=prompt) for prompt in prompts
+                ]
+                merged = _merged(generations)
+                return merged if typed.stream else _gathered(merged)
+
+            return generate, call.stream
+
+        def whole(response: pb.ChatResponse) -> dict[str, Any]:
+            assert call is not None
+            return openai.completion(call, response)
+
+        def chunk(response: pb.ChatResponse) -> list[bytes]:
+            assert stream is not None
+            return stream.events(response)
+
+        async with contextlib.aclosing(
+            self._chat(context, "/v1/completions", parse, whole, chunk, OPENAI)
         ) as replies:
             async for reply in replies:
                 yield reply
@@ -258,13 +339,103 @@ class HttpGatewayService(gw_grpc.HttpGatewayServiceServicer):
                 )
             return json_reply(openai.embeddings(response, encoding))
 
-        return await self._unary(context, "/v1/embeddings", work)
+        return await self._unary(context, "/v1/embeddings", work, OPENAI)
 
     async def OpenAiListModels(self, request: HttpBody, context: Context) -> HttpBody:
         async def work() -> HttpReply:
             return json_reply(openai.model_list(await self._service.list_models()))
 
-        return await self._unary(context, "/v1/models", work)
+        return await self._unary(context, "/v1/models", work, OPENAI)
+
+    async def OpenAiRetrieveModel(
+        self, request: gw_pb.OpenAiRetrieveModelRequest, context: Context
+    ) -> HttpBody:
+        async def work() -> HttpReply:
+            models = await self._service.list_models()
+            return json_reply(openai.model_object(models, request.model))
+
+        return await self._unary(context, "/v1/models/{model}", work, OPENAI)
+
+
+class _CountDown:
+    """Calls `done` once `one` has been called `count` times (every generation accepted)."""
+
+    def __init__(self, count: int, done: Callable[[], None]) -> None:
+        self._left = count
+        self._done = done
+
+    def one(self) -> None:
+        self._left -= 1
+        if self._left == 0:
+            self._done()
+
+
+_END = object()
+
+
+async def _merged(
+    generations: list[AsyncGenerator[pb.ChatResponse, None]],
+) -> AsyncGenerator[pb.ChatResponse, None]:
+    """The responses of several generations as they come; each response's choice index is the
+    position of its generation. The first failure ends them all."""
+    if len(generations) == 1:
+        async with contextlib.aclosing(generations[0]) as only:
+            async for response in only:
+                yield response
+        return
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def pump(index: int, generation: AsyncGenerator[pb.ChatResponse, None]) -> None:
+        try:
+            async with contextlib.aclosing(generation) as responses:
+                async for response in responses:
+                    response.choices[0].index = index
+                    queue.put_nowait(response)
+        except Exception as exc:
+            queue.put_nowait(exc)
+        finally:
+            queue.put_nowait(_END)
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is _END:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _gathered(
+    responses: AsyncGenerator[pb.ChatResponse, None],
+) -> AsyncGenerator[pb.ChatResponse, None]:
+    """The single responses of several stream=false generations as one response: one choice per
+    generation, in order, and their usage added up."""
+    got: dict[int, pb.ChatResponse] = {}
+    async with contextlib.aclosing(responses) as each:
+        async for response in each:
+            got[response.choices[0].index] = response
+    ordered = [got[i] for i in sorted(got)]
+    combined = pb.ChatResponse(
+        id=ordered[0].id,
+        object=ordered[0].object,
+        created=ordered[0].created,
+        model=ordered[0].model,
+    )
+    for response in ordered:
+        combined.choices.append(response.choices[0])
+        combined.usage.prompt_tokens += response.usage.prompt_tokens
+        combined.usage.completion_tokens += response.usage.completion_tokens
+    combined.usage.total_tokens = combined.usage.prompt_tokens + combined.usage.completion_tokens
+    current_call().note_usage(combined.usage.prompt_tokens, combined.usage.completion_tokens)
+    yield combined
 
 
 __all__ = ["STATUS_HEADER", "HttpGatewayService"]

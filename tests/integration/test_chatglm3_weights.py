@@ -100,11 +100,8 @@ def random_chatglm3_state(config: Mapping[str, Any], seed: int = 0) -> dict[str,
     """Random weights under ChatGLM3's own tensor names and shapes."""
     gen = torch.Generator().manual_seed(seed)
     hidden, ffn = config["hidden_size"], config["ffn_hidden_size"]
-    heads, groups, d = (
-        config["num_attention_heads"],
-        config["multi_query_group_num"],
-        config["kv_channels"],
-    )
+    heads, d = config["num_attention_heads"], config["kv_channels"]
+    groups = config["multi_query_group_num"] if config["multi_query_attention"] else heads
     qkv_rows = heads * d + 2 * groups * d
 
     def rand(*shape: int, scale: float = 0.2) -> torch.Tensor:
@@ -189,6 +186,9 @@ class Variant:
     adjacent_pairs: bool = True  # ChatGLM rotates (x[2i], x[2i+1]); False: (x[i], x[i + n/2])
     rotary_fraction: float = 0.5  # ChatGLM rotates the first half of each head
     repeat_groups: bool = True  # head h reads group h // (heads / groups); False: h % groups
+    # How the fused query_key_value rows are read: None as the config says (multi-query: all q,
+    # all k, all v; else head by head); "grouped" reads them as multi-query whatever it says.
+    qkv_layout: str | None = None
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -217,11 +217,9 @@ def reference_logits(
 ) -> torch.Tensor:
     """Logits (seq, vocab) of ChatGLM3 for `ids`, in float64."""
     w = {k: v.double() for k, v in state.items()}
-    heads, groups, d = (
-        config["num_attention_heads"],
-        config["multi_query_group_num"],
-        config["kv_channels"],
-    )
+    heads, d = config["num_attention_heads"], config["kv_channels"]
+    per_head = not config["multi_query_attention"] and variant.qkv_layout != "grouped"
+    groups = config["multi_query_group_num"] if config["multi_query_attention"] else heads
     eps = config["layernorm_epsilon"]
     seq = len(ids)
     rotary_dims = int(d * variant.rotary_fraction)
@@ -236,9 +234,13 @@ def reference_logits(
         x = _rms_norm(h, w[p + "input_layernorm.weight"], eps)
         qkv = x @ w[p + "self_attention.query_key_value.weight"].T
         qkv = qkv + w[p + "self_attention.query_key_value.bias"]
-        q = qkv[:, : heads * d].reshape(seq, heads, d)
-        k = qkv[:, heads * d : (heads + groups) * d].reshape(seq, groups, d)
-        v = qkv[:, (heads + groups) * d :].reshape(seq, groups, d)
+        if per_head:
+            # ChatGLM without multi-query attention: each head's q, k and v rows side by side.
+            q, k, v = qkv.reshape(seq, heads, 3 * d).split(d, dim=-1)
+        else:
+            q = qkv[:, : heads * d].reshape(seq, heads, d)
+            k = qkv[:, heads * d : (heads + groups) * d].reshape(seq, groups, d)
+            v = qkv[:, (heads + groups) * d :].reshape(seq, groups, d)
         q, k = _rotate(q, angles, variant), _rotate(k, angles, variant)
         per_group = heads // groups
         if variant.repeat_groups:
@@ -274,17 +276,48 @@ def load_converted(folder: Path, cache: Path) -> Any:
     return GlmForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
 
 
+# ChatGLM's other attention layout: no multi-query groups, the fused rows head by head.
+PER_HEAD_CONFIG = {**TINY_CONFIG, "multi_query_attention": False}
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-def test_logits_match_the_reference(fmt: str, tmp_path: Path, sp_model: bytes) -> None:
-    state = write_tiny_chatglm3(tmp_path / "ckpt", fmt=fmt, tokenizer_model=sp_model)
+@pytest.mark.parametrize(
+    "config", [TINY_CONFIG, PER_HEAD_CONFIG], ids=["multi_query", "per_head_qkv"]
+)
+def test_logits_match_the_reference(
+    fmt: str, config: dict[str, Any], tmp_path: Path, sp_model: bytes
+) -> None:
+    overrides = {"multi_query_attention": config["multi_query_attention"]}
+    state = write_tiny_chatglm3(
+        tmp_path / "ckpt", fmt=fmt, tokenizer_model=sp_model, config_overrides=overrides
+    )
     model = load_converted(tmp_path / "ckpt", tmp_path / "cache")
+    heads, groups = config["num_attention_heads"], config["multi_query_group_num"]
+    assert model.config.num_key_value_heads == (
+        groups if config["multi_query_attention"] else heads
+    )
     with torch.no_grad():
         got = model(input_ids=torch.tensor([IDS])).logits[0].double()
-    expected = reference_logits(state, TINY_CONFIG, IDS)
+    expected = reference_logits(state, config, IDS)
     assert got.shape == (len(IDS), PADDED_VOCAB_SIZE)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     # Not trivially equal: the logits vary over positions and vocabulary.
     assert expected.std() > 0.5
+
+
+def test_per_head_rows_read_as_multi_query_do_not_match(tmp_path: Path, sp_model: bytes) -> None:
+    """Reading a per-head checkpoint's fused rows as [all q; all k; all v] (what the converter
+    once did for every checkpoint) gives other logits: the comparison above can tell."""
+    state = write_tiny_chatglm3(
+        tmp_path / "ckpt",
+        tokenizer_model=sp_model,
+        config_overrides={"multi_query_attention": False},
+    )
+    model = load_converted(tmp_path / "ckpt", tmp_path / "cache")
+    with torch.no_grad():
+        got = model(input_ids=torch.tensor([IDS])).logits[0].double()
+    wrong = reference_logits(state, PER_HEAD_CONFIG, IDS, Variant(qkv_layout="grouped"))
+    assert (got - wrong).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize(
@@ -329,14 +362,20 @@ def test_a_model_built_with_rope_ratio_ignored_does_not_match(
     assert (got - expected).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize(
+    "config", [TINY_CONFIG, PER_HEAD_CONFIG], ids=["multi_query", "per_head_qkv"]
+)
 def test_served_forward_with_kv_cache_matches_the_reference(
-    tmp_path: Path, sp_model: bytes
+    config: dict[str, Any], tmp_path: Path, sp_model: bytes
 ) -> None:
     from server.models.chatglm3.model import ChatGLM3Model
 
-    state = write_tiny_chatglm3(tmp_path / "ckpt", tokenizer_model=sp_model)
+    overrides = {"multi_query_attention": config["multi_query_attention"]}
+    state = write_tiny_chatglm3(
+        tmp_path / "ckpt", tokenizer_model=sp_model, config_overrides=overrides
+    )
     model = ChatGLM3Model(chatglm3_spec(tmp_path / "ckpt"), tmp_path / "cache")
-    expected = reference_logits(state, TINY_CONFIG, IDS)
+    expected = reference_logits(state, config, IDS)
     logits, cache = model.forward(IDS[:12], None)
     torch.testing.assert_close(logits.double(), expected[11], atol=1e-4, rtol=0)
     for position in range(12, len(IDS)):

@@ -23,7 +23,7 @@ from server.app import GlmApp
 from server.domain import ModelKind
 from server.engine.chat import ChatEngine
 from server.service.http_gateway import STATUS_HEADER
-from server.service.json_api.common import SSE_DONE, SSE_HEARTBEAT
+from server.service.json_api.common import EVENT_STREAM, OPENAI_SSE, SEED_SSE, SseFraming
 from tests.conftest import default_specs, engine_idle, make_settings
 
 LONG = pb.ChatRequest(
@@ -72,6 +72,7 @@ async def test_a_queued_stream_sends_heartbeats_then_its_events(
 ) -> None:
     first = await occupy_the_slot(channel)
     body = dict(SHORT, stream=True)
+    sse: SseFraming = SEED_SSE if method == "SeedChat" else OPENAI_SSE
     call = getattr(gw_grpc.HttpGatewayServiceStub(channel), method)(
         HttpBody(content_type="application/json", data=json.dumps(body).encode())
     )
@@ -80,17 +81,17 @@ async def test_a_queued_stream_sends_heartbeats_then_its_events(
         heartbeats = [await anext(replies) for _ in range(3)]
         # Queued: the status line is out (200) and only comments have been sent so far.
         assert dict(await call.initial_metadata()).get(STATUS_HEADER) == "200"
-        assert [h.data for h in heartbeats] == [SSE_HEARTBEAT] * 3
-        assert all(h.content_type == "text/event-stream" for h in heartbeats)
+        assert [h.data for h in heartbeats] == [sse.heartbeat] * 3
+        assert all(h.content_type == EVENT_STREAM for h in heartbeats)
         assert engine(one_slot_app).stats.waiting == 1
     finally:
         first.cancel()  # the slot frees, the queued request starts
     rest = [r.data async for r in replies]
-    events = [d for d in rest if d != SSE_HEARTBEAT]
-    assert events[-1] == SSE_DONE
+    events = [d for d in rest if d != sse.heartbeat]
+    assert events[-1] == sse.done
     assert all(d.startswith(b"data: {") for d in events[:-1])
     # No heartbeat once the first token is out.
-    assert SSE_HEARTBEAT not in rest[rest.index(events[0]) :]
+    assert sse.heartbeat not in rest[rest.index(events[0]) :]
 
 
 async def test_a_request_refused_while_queued_keeps_its_status(
@@ -100,8 +101,8 @@ async def test_a_request_refused_while_queued_keeps_its_status(
     first = await occupy_the_slot(channel)
     try:
         gateway = gw_grpc.HttpGatewayServiceStub(channel)
-        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}
-        call = gateway.SeedChat(HttpBody(data=json.dumps(body).encode()))
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000, "stream": True}
+        call = gateway.OpenAiChatCompletions(HttpBody(data=json.dumps(body).encode()))
         replies = [r async for r in call]
         assert dict(await call.initial_metadata()).get(STATUS_HEADER) == "400"
         assert "max_new_tokens" in json.loads(replies[0].data)["error"]["message"]
@@ -115,10 +116,10 @@ async def test_a_client_leaving_while_queued_gives_its_place_back(
     first = await occupy_the_slot(channel)
     try:
         call = gw_grpc.HttpGatewayServiceStub(channel).SeedChat(
-            HttpBody(data=json.dumps(SHORT).encode())
+            HttpBody(data=json.dumps(dict(SHORT, stream=True)).encode())
         )
         replies = call.__aiter__()
-        assert (await anext(replies)).data == SSE_HEARTBEAT
+        assert (await anext(replies)).data == SEED_SSE.heartbeat
         assert engine(one_slot_app).stats.waiting == 1
         call.cancel()
         for _ in range(6000):  # a minute at most; the server sees the cancellation at once

@@ -1,79 +1,134 @@
-"""The seed's /tokenize and /embedding bodies parse exactly as json_format alone parsed them."""
+"""The seed's request bodies read as its FastAPI/pydantic models read them.
+
+Unknown keys are ignored, values are coerced the lax way, and a body that does not fit is a 422
+whose `detail` lists FastAPI's items (type, loc starting with "body", msg, input); glm-api's
+`error` object goes beside it.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 import pytest
-from google.protobuf.message import Message
 
-from glm.v1 import glm_service_pb2 as pb
 from server.errors import InvalidArgumentError
 from server.service.json_api import seed
-from server.service.json_api.common import parse_into, parse_object
-
-BODIES = [
-    b"{}",
-    b"",
-    b'{"prompt": "Hello world"}',
-    b'{"prompt": "\\u4f60\\u597d", "max_tokens": 3}',
-    b'{"prompt": "x", "max_tokens": 0, "model": "all-minilm-l6-v2"}',
-    b'{"prompt": "x", "max_tokens": -1}',
-    b'{"prompt": "x", "max_tokens": 2147483647}',
-    b'{"prompt": "x", "max_tokens": 2147483648}',
-    b'{"prompt": "x", "max_tokens": 4096.0}',
-    b'{"prompt": "x", "max_tokens": "12"}',
-    b'{"prompt": "x", "max_tokens": true}',
-    b'{"prompt": "x", "max_tokens": null}',
-    b'{"prompt": "x", "maxTokens": 5}',
-    b'{"prompt": 5}',
-    b'{"prompt": null}',
-    b'{"prompt": ["a", "b"]}',
-    b'{"prompt": ["a", 5]}',
-    b'{"prompt": []}',
-    b'{"prompt": "\\ud800"}',
-    b'{"prompt": ["\\ud800"]}',
-    b'{"prompt": ["a"], "normalize": true}',
-    b'{"prompt": ["a"], "normalize": 1}',
-    b'{"prompt": ["a"], "model": 7}',
-    b'{"prompt": "a", "colour": 1}',
-    b"[1]",
-    b"{bad",
-]
 
 
-def outcome(parse: Callable[[], Message]) -> tuple[str, Any]:
-    try:
-        return "ok", parse().SerializeToString(deterministic=True)
-    except InvalidArgumentError as exc:
-        return "error", str(exc)
+def reply(error: InvalidArgumentError) -> tuple[int, dict[str, Any]]:
+    rendered = seed.error_reply(error)
+    return rendered.status, json.loads(rendered.body)
 
 
-def reference_tokenize(body: bytes) -> pb.TokenizeRequest:
-    return parse_into(parse_object(body), pb.TokenizeRequest())
+def refusal(parse: Any, body: bytes) -> tuple[int, dict[str, Any]]:
+    with pytest.raises(InvalidArgumentError) as caught:
+        parse(body)
+    return reply(caught.value)
 
 
-def reference_embed(body: bytes) -> pb.EmbedRequest:
-    payload = parse_object(body)
-    if isinstance(payload.get("prompt"), str):
-        payload["prompt"] = [payload["prompt"]]
-    return parse_into(payload, pb.EmbedRequest())
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"prompt": "x", "colour": 1}',
+        b'{"prompt": "x", "max_tokens": 3, "nested": {"a": [1, 2]}}',
+    ],
+)
+def test_unknown_keys_are_ignored(body: bytes) -> None:
+    assert seed.tokenize_request(body).prompt == "x"
+    assert list(seed.embed_request(body).prompt) == ["x"]
 
 
-@pytest.mark.parametrize("body", BODIES)
-def test_tokenize_request_as_json_format(body: bytes) -> None:
-    assert outcome(lambda: seed.tokenize_request(body)) == outcome(lambda: reference_tokenize(body))
-
-
-@pytest.mark.parametrize("body", BODIES)
-def test_embed_request_as_json_format(body: bytes) -> None:
-    assert outcome(lambda: seed.embed_request(body)) == outcome(lambda: reference_embed(body))
+def test_values_are_coerced_as_pydantic_does() -> None:
+    assert seed.tokenize_request(b'{"prompt": "x", "max_tokens": "12"}').max_tokens == 12
+    assert seed.tokenize_request(b'{"prompt": "x", "max_tokens": 4096.0}').max_tokens == 4096
+    assert seed.embed_request(b'{"prompt": ["a"], "normalize": 1}').normalize is True
+    # glm-api's lowerCamel names are still read.
+    assert seed.tokenize_request(b'{"prompt": "x", "maxTokens": 5}').max_tokens == 5
+    # A single string is one prompt.
+    assert list(seed.embed_request('{"prompt": "你好"}'.encode()).prompt) == ["你好"]
 
 
 def test_optional_max_tokens_keeps_its_presence() -> None:
-    assert seed.tokenize_request(json.dumps({"prompt": "x", "max_tokens": 0}).encode()).HasField(
-        "max_tokens"
-    )
+    assert seed.tokenize_request(b'{"prompt": "x", "max_tokens": 0}').HasField("max_tokens")
     assert not seed.tokenize_request(b'{"prompt": "x"}').HasField("max_tokens")
+    assert not seed.tokenize_request(b'{"prompt": "x", "max_tokens": null}').HasField("max_tokens")
+
+
+def test_a_missing_field_is_a_422_with_fastapis_detail() -> None:
+    status, body = refusal(seed.tokenize_request, b"{}")
+    assert status == 422
+    assert body["detail"] == [
+        {"type": "missing", "loc": ["body", "prompt"], "msg": "Field required", "input": {}}
+    ]
+    assert body["error"]["code"] == "invalid_argument"
+    assert body["error"]["message"] == "invalid request: prompt: Field required"
+
+
+def test_wrong_types_are_listed_with_their_place() -> None:
+    status, body = refusal(seed.embed_request, b'{"prompt": ["a", 5], "model": 7}')
+    assert status == 422
+    assert [(d["type"], d["loc"], d["input"]) for d in body["detail"]] == [
+        ("string_type", ["body", "prompt", 1], 5),
+        ("string_type", ["body", "model"], 7),
+    ]
+    assert body["error"]["message"].endswith("(and 1 more)")
+
+
+def test_a_range_error_carries_its_context() -> None:
+    status, body = refusal(seed.tokenize_request, b'{"prompt": "x", "max_tokens": 2147483648}')
+    assert status == 422
+    [item] = body["detail"]
+    assert item["type"] == "less_than_equal"
+    assert item["ctx"] == {"le": 2**31 - 1}
+
+
+def test_chat_bodies_ignore_unknown_keys_and_keep_the_seed_defaults() -> None:
+    call = seed.chat_request(
+        b'{"messages": [{"role": "user", "content": "hi", "extra": 1}], "frequency": 2}'
+    )
+    request = call.request
+    assert call.stream is False  # the seed's default, not the typed API's
+    assert request.stream is False
+    assert abs(request.temperature - 0.7) < 1e-6
+    assert request.top_p == 1.0
+    assert abs(request.repetition_penalty - 1.1) < 1e-6
+    assert request.chunk is True
+    assert not request.HasField("max_tokens")
+    assert call.return_function_call is False
+
+
+def test_chat_refusals() -> None:
+    status, body = refusal(seed.chat_request, b'{"messages": [{"role": "robot"}]}')
+    assert status == 422
+    assert body["detail"][0]["loc"] == ["body", "messages", 0, "role"]
+    # The seed's own check of the last turn is a 400 with a detail string.
+    status, body = refusal(
+        seed.chat_request, b'{"messages": [{"role": "assistant", "content": "x"}]}'
+    )
+    assert status == 400
+    assert "last message" in body["detail"]
+
+
+def test_huge_values_are_quoted_short_and_long_lists_cut() -> None:
+    big = json.dumps({"prompt": ["a"] + [i for i in range(100)], "model": "m" * 10_000})
+    status, body = refusal(seed.embed_request, big.encode())
+    assert status == 422
+    assert len(body["detail"]) == seed.MAX_DETAIL_ITEMS
+    status, body = refusal(seed.tokenize_request, json.dumps({"prompt": ["x" * 10_000]}).encode())
+    assert "input" not in body["detail"][0]  # a large non-text value is not echoed
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b"[1]", "JSON object"),
+        (b"{bad", "not valid JSON"),
+        (b'{"prompt": "\\ud800"}', "surrogate"),
+    ],
+)
+def test_unreadable_bodies_are_422_with_a_message(body: bytes, words: str) -> None:
+    status, reply_body = refusal(seed.tokenize_request, body)
+    assert status == 422
+    assert words in reply_body["error"]["message"]
+    assert words in reply_body["detail"][0]["msg"]

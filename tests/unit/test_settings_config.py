@@ -92,8 +92,15 @@ def write(tmp_path: Path, text: str) -> Path:
         (
             "[[models]]\nid = 'a'\nkind = 'chat'\npath = 'x'\n"
             "[[models]]\nid = 'a'\nkind = 'embedding'\npath = 'y'\n",
-            "duplicate model ids",
+            "model ids or aliases used twice: \\['a'\\]",
         ),
+        (
+            "[[models]]\nid = 'a'\nkind = 'chat'\npath = 'x'\naliases = ['b']\n"
+            "[[models]]\nid = 'b'\nkind = 'embedding'\npath = 'y'\n",
+            "model ids or aliases used twice: \\['b'\\]",
+        ),
+        ("[[models]]\nid = 'a'\nkind = 'chat'\npath = 'x'\naliases = 'b'\n", "'aliases' must be"),
+        ("[[models]]\nid = 'a'\nkind = 'chat'\npath = 'x'\naliases = ['']\n", "'aliases' must be"),
         (
             "[[models]]\nid = 'a'\nkind = 'chat'\npath = 'x'\ndefault = true\n"
             "[[models]]\nid = 'b'\nkind = 'chat'\npath = 'y'\ndefault = true\n",
@@ -137,3 +144,11 @@ def test_max_input_chars_defaults_and_can_be_set(tmp_path: Path) -> None:
 def test_sse_heartbeats_default_and_can_be_turned_off() -> None:
     assert Settings().sse_heartbeat_s == 15.0
     assert load_settings([], environ={"GLM_SSE_HEARTBEAT_S": "0"}).sse_heartbeat_s == 0.0
+
+
+def test_aliases_are_other_names_of_a_model(tmp_path: Path) -> None:
+    text = "[[models]]\nid = 'a'\nkind = 'chat'\npath = 'x'\naliases = ['chatglm3-6b-32k', 'b']\n"
+    [spec] = load_model_specs(write(tmp_path, text))
+    assert spec.aliases == ("chatglm3-6b-32k", "b")
+    [plain] = load_model_specs(write(tmp_path, "[[models]]\nid = 'a'\nkind = 'chat'\npath = 'x'\n"))
+    assert plain.aliases == ()

@@ -184,7 +184,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("id", "object", "created", "owned_by", "ready", "dimensions", "max_input_tokens", "max_new_tokens", "context_length", "max_batch_prompts", "default", "max_input_chars")
+    __slots__ = ("id", "object", "created", "owned_by", "ready", "dimensions", "max_input_tokens", "max_new_tokens", "context_length", "max_batch_prompts", "default", "max_input_chars", "aliases")
     ID_FIELD_NUMBER: _ClassVar[int]
     OBJECT_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +197,7 @@ class Model(_message.Message):
     MAX_BATCH_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_FIELD_NUMBER: _ClassVar[int]
     MAX_INPUT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
     id: str
     object: str
     created: int
@@ -209,7 +210,8 @@ class Model(_message.Message):
     max_batch_prompts: int
     default: bool
     max_input_chars: int
-    def __init__(self, id: _Optional[str] = ..., object: _Optional[str] = ..., created: _Optional[int] = ..., owned_by: _Optional[str] = ..., ready: _Optional[bool] = ..., dimensions: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., context_length: _Optional[int] = ..., max_batch_prompts: _Optional[int] = ..., default: _Optional[bool] = ..., max_input_chars: _Optional[int] = ...) -> None: ...
+    aliases: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., object: _Optional[str] = ..., created: _Optional[int] = ..., owned_by: _Optional[str] = ..., ready: _Optional[bool] = ..., dimensions: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., context_length: _Optional[int] = ..., max_batch_prompts: _Optional[int] = ..., default: _Optional[bool] = ..., max_input_chars: _Optional[int] = ..., aliases: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("object", "data", "max_message_bytes")

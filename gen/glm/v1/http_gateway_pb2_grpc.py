@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from glm.v1 import http_gateway_pb2 as glm_dot_v1_dot_http__gateway__pb2
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -71,6 +72,16 @@ class HttpGatewayServiceStub:
                 request_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
+        self.OpenAiRetrieveModel = channel.unary_unary(
+                '/glm.v1.HttpGatewayService/OpenAiRetrieveModel',
+                request_serializer=glm_dot_v1_dot_http__gateway__pb2.OpenAiRetrieveModelRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.OpenAiCompletions = channel.unary_stream(
+                '/glm.v1.HttpGatewayService/OpenAiCompletions',
+                request_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
 
 
 class HttpGatewayServiceServicer:
@@ -128,6 +139,21 @@ class HttpGatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenAiRetrieveModel(self, request, context):
+        """OpenAiRetrieveModel serves OpenAI's GET /v1/models/{model}: one model, by id or alias.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenAiCompletions(self, request, context):
+        """OpenAiCompletions serves OpenAI's legacy POST /v1/completions: a text prompt (or a list of
+        them) continued without any chat template, streaming or not.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HttpGatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +189,16 @@ def add_HttpGatewayServiceServicer_to_server(servicer, server):
             ),
             'OpenAiListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenAiListModels,
+                    request_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'OpenAiRetrieveModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenAiRetrieveModel,
+                    request_deserializer=glm_dot_v1_dot_http__gateway__pb2.OpenAiRetrieveModelRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'OpenAiCompletions': grpc.unary_stream_rpc_method_handler(
+                    servicer.OpenAiCompletions,
                     request_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
@@ -356,6 +392,60 @@ class HttpGatewayService:
             request,
             target,
             '/glm.v1.HttpGatewayService/OpenAiListModels',
+            google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenAiRetrieveModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/glm.v1.HttpGatewayService/OpenAiRetrieveModel',
+            glm_dot_v1_dot_http__gateway__pb2.OpenAiRetrieveModelRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenAiCompletions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/glm.v1.HttpGatewayService/OpenAiCompletions',
             google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,

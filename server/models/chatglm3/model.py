@@ -229,6 +229,9 @@ class ChatGLM3Model(ChatModel):
             truncated=len(ids) > max_tokens,
         )
 
+    def encode_text(self, text: str) -> list[int]:
+        return self._tokenizer.prefix_ids + self._tokenizer.encode(text)
+
     @torch.inference_mode()
     def forward(
         self, input_ids: Sequence[int], cache: KVCache | None

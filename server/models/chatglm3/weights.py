@@ -14,11 +14,16 @@ ChatGLM3 and transformers' Glm are the same network; only names and one fused te
 | rope_ratio: base 10000 * rope_ratio          | rope_theta = 10000 * rope_ratio             |
 | rotary on kv_channels // 2 dims of each head | partial_rotary_factor = 0.5                 |
 | add_qkv_bias                                 | attention_bias (q/k/v only, as in ChatGLM)  |
-| self_attention.query_key_value               | q_proj / k_proj / v_proj (rows q, k, v)     |
+| self_attention.query_key_value               | q_proj / k_proj / v_proj (see below)        |
 | self_attention.dense                         | self_attn.o_proj                            |
 | mlp.dense_h_to_4h ([gate; up], SwiGLU)       | mlp.gate_up_proj (same layout)              |
 | mlp.dense_4h_to_h                            | mlp.down_proj                               |
 | embedding.word_embeddings / output_layer     | embed_tokens / lm_head (untied)             |
+
+The fused query_key_value rows come in one of two layouts, as ChatGLM's own attention reads them:
+with multi_query_attention (every released ChatGLM2/3 checkpoint) all query heads, then the key
+groups, then the value groups; without it, head by head, each head's query, key and value rows
+together ([q0; k0; v0; q1; k1; v1; ...]), every head its own key/value group.
 
 Both rotate interleaved pairs (x[2i], x[2i+1]) of the rotary part by frequency i, so the q and k
 rows need no permutation (unlike Llama conversions, which switch to the rotate-half layout).
@@ -61,7 +66,7 @@ __all__ = [
 ]
 
 # Bump when the converted output changes, so that stale caches are not reused.
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"
 
 # ChatGLMConfig's defaults, for keys a config.json leaves out.
 _DEFAULTS: dict[str, Any] = {
@@ -205,8 +210,14 @@ def expected_shapes(glm: Any) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def map_tensor(name: str, tensor: torch.Tensor, glm: Any) -> list[tuple[str, torch.Tensor]]:
-    """One ChatGLM3 tensor as the GlmForCausalLM tensors it becomes (none for ignored buffers)."""
+def map_tensor(
+    name: str, tensor: torch.Tensor, glm: Any, *, per_head_qkv: bool = False
+) -> list[tuple[str, torch.Tensor]]:
+    """One ChatGLM3 tensor as the GlmForCausalLM tensors it becomes (none for ignored buffers).
+
+    `per_head_qkv`: the fused query_key_value rows are laid out head by head (a checkpoint with
+    multi_query_attention false; see the module docstring).
+    """
     if name in _IGNORED:
         return []
     if name in _TOP_LEVEL:
@@ -220,15 +231,20 @@ def map_tensor(name: str, tensor: torch.Tensor, glm: Any) -> list[tuple[str, tor
     qkv = _QKV_KEY.fullmatch(rest)
     if qkv is None:
         raise ModelLoadError(f"unexpected tensor {name!r} in the ChatGLM3 checkpoint")
-    # The fused projection's output rows are all query heads, then the key groups, then the value
-    # groups. Each part is cloned: safetensors refuses tensors that share one storage.
+    # Each part is cloned: safetensors refuses tensors that share one storage.
     q_rows = glm.num_attention_heads * glm.head_dim
     kv_rows = glm.num_key_value_heads * glm.head_dim
     if tensor.shape[0] != q_rows + 2 * kv_rows:
         raise ModelLoadError(
             f"{name} has {tensor.shape[0]} rows; the config implies {q_rows + 2 * kv_rows}"
         )
-    q, k, v = torch.split(tensor, [q_rows, kv_rows, kv_rows], dim=0)
+    if per_head_qkv:
+        # Rows [q0; k0; v0; q1; ...]: one (query, key, value) block of head_dim rows per head.
+        heads = tensor.reshape(glm.num_attention_heads, 3, glm.head_dim, *tensor.shape[1:])
+        q, k, v = (heads[:, part].reshape(q_rows, *tensor.shape[1:]) for part in range(3))
+    else:
+        # All query heads, then the key groups, then the value groups.
+        q, k, v = torch.split(tensor, [q_rows, kv_rows, kv_rows], dim=0)
     kind = qkv.group(1)
     return [
         (f"{prefix}self_attn.{proj}_proj.{kind}", part.clone())
@@ -285,7 +301,9 @@ def convert_checkpoint(folder: Path, target: Path) -> None:
     """
     from safetensors.torch import save_file
 
-    glm = glm_config_from_chatglm(read_chatglm_config(folder))
+    config = read_chatglm_config(folder)
+    glm = glm_config_from_chatglm(config)
+    per_head_qkv = not config["multi_query_attention"]
     shapes = expected_shapes(glm)
     files = checkpoint_files(folder)
     weight_map: dict[str, str] = {}
@@ -295,7 +313,7 @@ def convert_checkpoint(folder: Path, target: Path) -> None:
         shard_name = f"model-{number:05d}-of-{len(files):05d}.safetensors"
         shard: dict[str, torch.Tensor] = {}
         for name, tensor in _read_tensors(path):
-            for new_name, new_tensor in map_tensor(name, tensor, glm):
+            for new_name, new_tensor in map_tensor(name, tensor, glm, per_head_qkv=per_head_qkv):
                 if new_name not in shapes:
                     raise ModelLoadError(f"{path.name}: {name} maps to no tensor of the model")
                 if new_name in weight_map or new_name in shard:

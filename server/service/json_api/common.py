@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pydantic_core
-from google.protobuf import json_format
-from google.protobuf.message import Message
 
 from glm.v1 import glm_service_pb2 as pb
 from server.errors import GlmError, InvalidArgumentError, UnsupportedMediaTypeError, clipped
 
-M = TypeVar("M", bound=Message)
 T = TypeVar("T")
 
 JSON = "application/json"
-EVENT_STREAM = "text/event-stream"
+# With the charset: clients such as Python's requests otherwise decode a text/* body as
+# ISO-8859-1, and every non-ASCII character of a reply comes out garbled.
+EVENT_STREAM = "text/event-stream; charset=utf-8"
+# Response headers of every event stream besides its content type: no cache may keep it, and
+# nginx must pass each event on at once instead of buffering the whole stream.
+SSE_HEADERS = (("cache-control", "no-cache"), ("x-accel-buffering", "no"))
 # The content type Envoy's Lua filter (envoy/envoy.yaml.tmpl) puts in place of a gRPC one on a
 # JSON route: a request with a gRPC content type would pass the transcoder untouched and reach
 # the server as a call of no gRPC method; renamed, it reaches its route, which refuses it.
@@ -127,14 +129,31 @@ def json_reply(payload: Any, status: int = 200) -> HttpReply:
     return HttpReply(status, JSON, dumps(payload))
 
 
-def sse_event(payload: Any) -> bytes:
-    """One Server-Sent Event carrying a JSON object."""
-    return b"data: " + dumps(payload) + b"\n\n"
+@dataclass(frozen=True, slots=True)
+class SseFraming:
+    """How a dialect frames its Server-Sent Events: what ends each event (a blank line)."""
+
+    end: bytes
+
+    def event(self, payload: Any) -> bytes:
+        """One event carrying a JSON object."""
+        return b"data: " + dumps(payload) + self.end
+
+    @property
+    def done(self) -> bytes:
+        """The event that ends a stream that completed."""
+        return b"data: [DONE]" + self.end
+
+    @property
+    def heartbeat(self) -> bytes:
+        """An SSE comment: clients ignore it, proxies see bytes (sent while a stream waits for
+        its first token)."""
+        return b": keep-alive" + self.end
 
 
-SSE_DONE = b"data: [DONE]\n\n"
-# An SSE comment: clients ignore it, proxies see bytes (sent while a stream waits for its start).
-SSE_HEARTBEAT = b": keep-alive\n\n"
+# OpenAI ends events with "\n\n"; the seed's server (sse-starlette) with "\r\n\r\n".
+OPENAI_SSE = SseFraming(b"\n\n")
+SEED_SSE = SseFraming(b"\r\n\r\n")
 
 
 def usage_object(usage: pb.Usage) -> dict[str, int]:
@@ -243,52 +262,3 @@ def parsed(parse: Callable[[], T]) -> T:
         raise InvalidArgumentError("the request nests values too deeply") from exc
     except (ValueError, OverflowError) as exc:
         raise InvalidArgumentError(f"invalid request: {clipped(str(exc), 300)}") from exc
-
-
-def is_text(value: object) -> bool:
-    """A JSON string."""
-    return type(value) is str
-
-
-def is_int32(value: object) -> bool:
-    """A JSON integer that fits an int32 field (not a bool, which json_format refuses)."""
-    return type(value) is int and -(2**31) <= value < 2**31
-
-
-def is_flag(value: object) -> bool:
-    """A JSON true or false."""
-    return type(value) is bool
-
-
-def is_text_list(value: object) -> bool:
-    """A JSON array of strings."""
-    return type(value) is list and all(type(item) is str for item in value)
-
-
-def parse_simple(
-    payload: dict[str, Any], message_type: type[M], fields: Mapping[str, Callable[[object], bool]]
-) -> M:
-    """parse_into for the usual shape of a request: when every key is one of `fields` (proto
-    names) with a value its check accepts, the message is built directly.
-
-    json_format.ParseDict is pure Python and large: about 10 us a call warm, and 80 us right
-    after an embedding pass, when the caches are cold (measured in the server). It still parses
-    everything else, so that what it accepts, refuses and says in its errors is unchanged.
-    """
-    if payload.keys() <= fields.keys() and all(fields[k](v) for k, v in payload.items()):
-        try:
-            return message_type(**payload)
-        except (ValueError, TypeError):  # e.g. a lone surrogate: json_format names the field
-            pass
-    return parse_into(payload, message_type())
-
-
-def parse_into(payload: dict[str, Any], message: M) -> M:
-    """Fill a typed request from JSON, with protobuf's JSON mapping (snake_case or lowerCamel
-    names); unknown fields and wrong types are refused with the field named."""
-    try:
-        json_format.ParseDict(payload, message)
-    except json_format.ParseError as exc:
-        # Its messages quote what they refuse (a field name, a value): cut short.
-        raise InvalidArgumentError(f"invalid request: {clipped(str(exc), 300)}") from exc
-    return message
