@@ -20,14 +20,16 @@ import torch
 _BLAS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_weight_int8pack_mm")
 
 
-def _default_model() -> Any:
+def _default_model(quantize: str) -> Any:
+    import dataclasses
+
     from server.config import load_model_specs
     from server.domain import ModelKind
     from server.models.loader import load_model
     from server.settings import DEFAULT_CONFIG, Settings
 
     spec = next(s for s in load_model_specs(DEFAULT_CONFIG) if s.kind is ModelKind.CHAT)
-    return load_model(spec, Settings().cache_dir)
+    return load_model(dataclasses.replace(spec, quantize=quantize), Settings().cache_dir)
 
 
 def profile_rows(batch: Any, rows: int, steps: int) -> dict[str, float]:
@@ -74,12 +76,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=40, help="steps per size (%(default)s)")
     parser.add_argument("--top", type=int, default=0, help="also print the N costliest operators")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
+    parser.add_argument("--quantize", default="none", help="the model's quantize option")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from server.engine.kv_slots import SlotBatch
 
-    model = _default_model()
+    model = _default_model(args.quantize)
     sizes = [int(r) for r in args.rows.split(",")]
     batch = SlotBatch(model.causal_lm, model.device, max(sizes), 256)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
