@@ -86,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     sizes = [int(r) for r in args.rows.split(",")]
     batch = SlotBatch(model.causal_lm, model.device, max(sizes), 256)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    for key, plan in batch.linear_plans.items():
+        at_max = plan.calls[max(sizes)] if max(sizes) <= plan.max_rows else "one call"
+        print(f"  linear {key[0]}: {plan.kernel}, {max(sizes)} rows as calls {at_max}")
     for rows in sizes:
         r = profile_rows(batch, rows, args.steps)
         wall = r["wall_ms"]
