@@ -41,6 +41,7 @@ PARTS: dict[str, Part] = {
     "streams": Part("bench.streams", "concurrent chat streams, and OpenAI-compatible peers"),
     "envoy": Part("bench.envoy", "JSON through Envoy against direct gRPC"),
     "security": Part("bench.security", "API keys and TLS against plaintext, direct and via Envoy"),
+    "llama": Part("bench.llama", "llama.cpp's llama-server on the same GGUF (skipped if unbuilt)"),
 }
 # What a part's failure to run looks like (a server that does not start, a missing model, a
 # failed call): the run goes on with the next part and exits 1.
@@ -119,6 +120,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=(
             "an OpenAI-compatible server already serving the same chat model, e.g. "
             "llama-server=http://127.0.0.1:8080/v1, that gets the same workloads (repeatable)"
+        ),
+    )
+    llama = parser.add_argument_group("llama")
+    llama.add_argument(
+        "--llama-server",
+        type=Path,
+        metavar="PATH",
+        help=(
+            "the llama-server binary (default: $GLM_LLAMA_SERVER, else what "
+            "scripts/build_llama_server.sh builds); absent, the part is skipped"
         ),
     )
     envoy = parser.add_argument_group("envoy")

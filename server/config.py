@@ -15,6 +15,7 @@ from server.domain import ModelKind
 
 _KINDS = {"chat": ModelKind.CHAT, "embedding": ModelKind.EMBEDDING}
 _DTYPES = {"auto", "float32", "float16", "bfloat16"}
+_QUANTIZE = {"none", "int8"}
 _FAMILIES = {"chatglm3"}
 # Embedding: the most tokens one forward pass computes (rows x longest row, padding included) when
 # the model's max_batch_tokens is unset: 32 prompts of MiniLM's full 256 tokens.
@@ -90,6 +91,13 @@ class ModelSpec:
     # loads; see server/models/packed_encoder.py); false keeps sentence-transformers' padded
     # encode.
     unpadded: bool = True
+    # Chat: memory for the prefix cache, the keys and values of prompt chunks already computed,
+    # reused by later prompts that start the same way (server/engine/prefix_cache.py); 0 turns
+    # it off. Reuse gives the same bits as computing, so greedy output does not change.
+    prefix_cache_mb: int = 128
+    # Chat on a CPU: "int8" stores the linear layers' weights as int8, checked against the
+    # float32 logits when the model loads (server/models/int8_linear.py); "none" keeps the dtype.
+    quantize: str = "none"
 
     @property
     def source(self) -> str:
@@ -158,6 +166,10 @@ def _spec_from_table(table: dict[str, Any], index: int) -> ModelSpec:
             f"({spec.max_concurrent}): a step holds one token per running sequence plus a chunk "
             "of a prompt"
         )
+    if spec.quantize not in _QUANTIZE or (spec.quantize != "none" and kind is not ModelKind.CHAT):
+        raise ConfigError(f"{where}: 'quantize' must be one of {sorted(_QUANTIZE)} (chat models)")
+    if not isinstance(spec.prefix_cache_mb, int) or spec.prefix_cache_mb < 0:
+        raise ConfigError(f"{where}: 'prefix_cache_mb' must be a non-negative integer")
     if not isinstance(spec.unpadded, bool):
         raise ConfigError(f"{where}: 'unpadded' must be true or false")
     if spec.max_waiting < 0 or spec.batch_wait_ms < 0:

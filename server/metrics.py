@@ -24,7 +24,7 @@ from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.metrics_core import Metric
 from prometheus_client.platform_collector import PlatformCollector
@@ -194,6 +194,16 @@ class ChatStats(Protocol):
         """Requests waiting for a slot."""
         ...
 
+    @property
+    def prefix_cache_hits(self) -> int:
+        """Prompts that reused cached prompt blocks."""
+        ...
+
+    @property
+    def prefix_cache_tokens_saved(self) -> int:
+        """Prompt tokens those cached blocks saved computing."""
+        ...
+
 
 ChatStatsSource = Callable[[], Mapping[str, ChatStats]]
 EmbedWaitingSource = Callable[[], Mapping[str, int]]
@@ -209,6 +219,20 @@ class _QueueCollector(Collector):
     def __init__(self, chat: ChatStatsSource, embed: EmbedWaitingSource) -> None:
         self._chat = chat
         self._embed = embed
+
+    @staticmethod
+    def _cache_families() -> tuple[CounterMetricFamily, CounterMetricFamily]:
+        hits = CounterMetricFamily(
+            "glm_chat_prefix_cache_hits",
+            "Chat prompts that reused cached keys and values of a prompt prefix.",
+            labels=["model"],
+        )
+        saved = CounterMetricFamily(
+            "glm_chat_prefix_cache_tokens_saved",
+            "Prompt tokens whose keys and values came from the prefix cache instead of a pass.",
+            labels=["model"],
+        )
+        return hits, saved
 
     @staticmethod
     def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
@@ -229,17 +253,20 @@ class _QueueCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         running, waiting, embed = self._families()
+        hits, saved = self._cache_families()
         for model_id, stats in sorted(self._chat().items()):
             running.add_metric([model_id], stats.running)
             waiting.add_metric([model_id], stats.waiting)
+            hits.add_metric([model_id], stats.prefix_cache_hits)
+            saved.add_metric([model_id], stats.prefix_cache_tokens_saved)
         for model_id, count in sorted(self._embed().items()):
             embed.add_metric([model_id], count)
-        return [running, waiting, embed]
+        return [running, waiting, embed, hits, saved]
 
     def describe(self) -> Iterable[Metric]:
         # The names only: without describe(), registering would call collect() and so read the
         # engines before they exist.
-        return list(self._families())
+        return [*self._families(), *self._cache_families()]
 
 
 # -- the metric families ---------------------------------------------------------------------------

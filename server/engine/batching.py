@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -71,6 +72,19 @@ class SequenceBatch(ABC):
     def decode_rows(self) -> int:
         """Rows the last `decode` computed, padding included (the batch size of that pass)."""
         return 0
+
+    @property
+    def copies_prefixes(self) -> bool:
+        """Whether `copy_out` and `copy_in` work (a prefix cache can serve this batch)."""
+        return False
+
+    def copy_out(self, slot: int, start: int, end: int) -> Any:
+        """A copy of the keys and values of positions [start, end) of the sequence in `slot`."""
+        raise NotImplementedError
+
+    def copy_in(self, slot: int, parts: Sequence[Any]) -> int:
+        """Start the empty `slot` with `copy_out` results laid end to end; returns its length."""
+        raise NotImplementedError
 
     @property
     def cache_bytes(self) -> int | None:

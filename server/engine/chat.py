@@ -48,6 +48,9 @@ class ChatEngineStats:
     running: int
     # Requests waiting for a place.
     waiting: int
+    # Prompts that reused cached prompt blocks, and the prompt tokens that saved (prefix cache).
+    prefix_cache_hits: int = 0
+    prefix_cache_tokens_saved: int = 0
 
 
 class ChatEngine:
@@ -63,6 +66,7 @@ class ChatEngine:
         max_batch_tokens: int = CHAT_MAX_BATCH_TOKENS,
         max_wait_s: float = 0.0,
         observer: EngineObserver | None = None,
+        prefix_cache_bytes: int = 0,
     ) -> None:
         self._model = model
         self._max_concurrent = max_concurrent
@@ -90,12 +94,19 @@ class ChatEngine:
             max_batch_tokens=max_batch_tokens,
             max_wait_s=max_wait_s,
             observer=report if observer is not None else None,
+            prefix_cache_bytes=prefix_cache_bytes,
         )
 
     @property
     def stats(self) -> ChatEngineStats:
         """How many sequences run and how many requests wait for a place."""
-        return ChatEngineStats(running=self._running, waiting=self._waiting)
+        cache = self._scheduler.prefix_cache_stats
+        return ChatEngineStats(
+            running=self._running,
+            waiting=self._waiting,
+            prefix_cache_hits=0 if cache is None else cache.hits,
+            prefix_cache_tokens_saved=0 if cache is None else cache.tokens_saved,
+        )
 
     @property
     def counters(self) -> SchedulerCounters:

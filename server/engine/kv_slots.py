@@ -59,6 +59,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from server.engine.batching import SequenceBatch
 from server.engine.device_profile import DeviceProfile, available_bytes, profile_for
 from server.engine.invariant_linear import (
+    LinearPlan,
+    ShapeKey,
     choose_plans,
     install,
     shared_pass_min_rows,
@@ -323,6 +325,10 @@ class KVSlotCache(Cache):  # type: ignore[misc]  # transformers is untyped here
             assert isinstance(layer, _SlotLayer)
             yield layer
 
+    def slot_layers(self) -> list[_SlotLayer]:
+        """Every attention layer's memory, in order."""
+        return list(self._layers())
+
     def reserve(self, rows: int, length: int) -> None:
         """Make room for `rows` rows of `length` positions (grows, never shrinks).
 
@@ -485,6 +491,11 @@ class SlotBatch(SequenceBatch):
         return self._shared_min
 
     @property
+    def linear_plans(self) -> dict[ShapeKey, LinearPlan]:
+        """How the linear layers run small passes (bench.decode_profile prints them)."""
+        return self._linear_plans
+
+    @property
     def cache(self) -> KVSlotCache:
         """The key/value memory."""
         return self._cache
@@ -634,6 +645,37 @@ class SlotBatch(SequenceBatch):
         for slot in tokens:
             self._lengths[slot] += 1
         return {slot: logits[slot] for slot in tokens}
+
+    @property
+    def copies_prefixes(self) -> bool:
+        return True
+
+    @torch.inference_mode()
+    def copy_out(self, slot: int, start: int, end: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if not 0 <= start < end <= self._lengths[slot]:
+            raise ValueError(f"slot {slot} holds {self._lengths[slot]} positions, not {end}")
+        return [
+            (layer.keys[slot, :, start:end].clone(), layer.values[slot, :, start:end].clone())
+            for layer in self._cache.slot_layers()
+        ]
+
+    @torch.inference_mode()
+    def copy_in(self, slot: int, parts: Sequence[list[tuple[torch.Tensor, torch.Tensor]]]) -> int:
+        if self._lengths[slot]:
+            raise ValueError(f"slot {slot} is not empty")
+        length = sum(part[0][0].shape[1] for part in parts)
+        self._cache.reserve(slot + 1, _round_up(length, KV_BLOCK))
+        at = 0
+        for part in parts:
+            size = part[0][0].shape[1]
+            for layer, (keys, values) in zip(self._cache.slot_layers(), part, strict=True):
+                if not layer.is_initialized:
+                    layer.lazy_initialization(keys[None], values[None])
+                layer.keys[slot, :, at : at + size] = keys
+                layer.values[slot, :, at : at + size] = values
+            at += size
+        self._lengths[slot] = length
+        return length
 
     def release(self, slot: int) -> None:
         self._lengths[slot] = 0

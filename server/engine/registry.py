@@ -161,6 +161,7 @@ class ModelRegistry:
             max_batch_tokens=spec.max_batch_tokens or profile_for(model.device).chat_step_tokens,
             max_wait_s=spec.batch_wait_ms / 1000.0,
             observer=self.observer(spec.id),
+            prefix_cache_bytes=spec.prefix_cache_mb << 20,
         )
 
     def observer(self, model_id: str) -> EngineObserver:

@@ -45,6 +45,7 @@ from server.domain import ChatRequest, FinishReason, GenerationEvent, Usage
 from server.engine.batching import ForwardLoopBatch, SequenceBatch
 from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.kv_slots import SlotBatch, unsupported_reason
+from server.engine.prefix_cache import PrefixCache, PrefixCacheStats, block_keys
 from server.engine.sampling import TokenSampler
 from server.engine.stops import StopStringMatcher
 from server.errors import UnavailableError
@@ -107,6 +108,9 @@ class SchedulerCounters:
     # Prompt chunks fed (a pass shared by several prompts feeds one chunk of each).
     prefill_chunks: int
     prefill_tokens: int
+    # Prompts that reused cached prompt blocks, and the prompt tokens those saved.
+    prefix_cache_hits: int = 0
+    prefix_cache_tokens: int = 0
 
 
 class _Sequence:
@@ -134,6 +138,8 @@ class _Sequence:
         self.generated = 0
         # The token the next decode pass feeds (None while the prompt is being fed).
         self.next_token: int | None = None
+        # With a prefix cache: each prompt block's (key, start, end), see prefix_cache.py.
+        self.blocks: list[tuple[bytes, int, int]] = []
 
     @property
     def prompt_left(self) -> int:
@@ -188,6 +194,7 @@ class Scheduler:
         max_batch_tokens: int,
         max_wait_s: float = 0.0,
         observer: StepObserver | None = None,
+        prefix_cache_bytes: int = 0,
     ) -> None:
         if max_batch_tokens <= max_concurrent:
             raise ValueError(
@@ -201,6 +208,9 @@ class Scheduler:
         self._chunk = max_batch_tokens - max_concurrent
         self._max_wait_s = max_wait_s
         self._observer = observer
+        self._prefix_cache_bytes = prefix_cache_bytes
+        # Set when the batch opens, if it can copy keys and values (see prefix_cache.py).
+        self._prefix: PrefixCache | None = None
         self._cond = threading.Condition()
         self._inbox: deque[Job] = deque()
         # Other model work (embedding passes) run on this thread between steps.
@@ -283,9 +293,19 @@ class Scheduler:
     def counters(self) -> SchedulerCounters:
         """A snapshot of what the scheduler has done."""
         batch = self._batch
+        cache = self.prefix_cache_stats
         return SchedulerCounters(
-            forward_passes=batch.forward_passes if batch is not None else 0, **self._counts
+            forward_passes=batch.forward_passes if batch is not None else 0,
+            prefix_cache_hits=0 if cache is None else cache.hits,
+            prefix_cache_tokens=0 if cache is None else cache.tokens_saved,
+            **self._counts,
         )
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        """The prefix cache's counters (None: no prefix cache)."""
+        cache = self._prefix
+        return None if cache is None else cache.stats
 
     @property
     def batch(self) -> SequenceBatch | None:
@@ -297,6 +317,16 @@ class Scheduler:
     def _main(self) -> None:
         try:
             self._batch = open_batch(self._model, self._max_concurrent, self._max_batch_tokens)
+            if self._prefix_cache_bytes > 0:
+                if self._batch.copies_prefixes:
+                    self._prefix = PrefixCache(self._prefix_cache_bytes, self._chunk)
+                    log.info(
+                        "prefix cache: up to %.0f MiB of prompt blocks of %d tokens",
+                        self._prefix_cache_bytes / (1 << 20),
+                        self._chunk,
+                    )
+                else:
+                    log.info("prefix cache off: this model's batch cannot copy keys and values")
         except BaseException as exc:
             log.exception("the chat scheduler could not start")
             self._fail_everything(exc)
@@ -370,6 +400,7 @@ class Scheduler:
         with self._cond:
             jobs = list(self._inbox)
             self._inbox.clear()
+        complete: list[tuple[_Sequence, torch.Tensor]] = []
         for job in jobs:
             if job.cancelled.is_set():
                 self._post(job, None)  # never started: only the place is given back
@@ -377,7 +408,59 @@ class Scheduler:
             slot = self._slots.index(None)  # the engine admits at most max_concurrent jobs
             seq = _Sequence(job, slot, self._model)
             self._slots[slot] = seq
-            self._prefilling.append(seq)
+            logits = self._restore(seq)
+            if logits is None:
+                self._prefilling.append(seq)
+            else:
+                complete.append((seq, logits))
+        if complete:
+            # Whole prompts found in the prefix cache: their first token goes out now.
+            self._sample(complete)
+            self._flush()
+
+    def _restore(self, seq: _Sequence) -> torch.Tensor | None:
+        """Start `seq` from the cached blocks its prompt begins with (see prefix_cache.py).
+
+        Returns the logits after the prompt when the whole prompt was found (no prefill left).
+        """
+        cache, batch = self._prefix, self._batch
+        if cache is None or batch is None:
+            return None
+        prompt = seq.job.prompt_ids
+        seq.blocks = block_keys(prompt, self._chunk)
+        found = cache.lookup(prompt)
+        if not found:
+            return None
+        try:
+            seq.prefilled = batch.copy_in(seq.slot, [block.kv for block in found])
+        except Exception:
+            log.exception("restoring a cached prompt prefix failed; the prompt is computed")
+            batch.release(seq.slot)
+            seq.prefilled = 0
+            return None
+        # A copy: sampling must never change what the cache holds.
+        return found[-1].logits.clone() if seq.prompt_left == 0 else None
+
+    def _remember(self, seq: _Sequence, start: int, end: int, logits: torch.Tensor) -> None:
+        """Keep the prompt block [start, end) just computed for `seq` in the prefix cache."""
+        cache, batch = self._prefix, self._batch
+        if cache is None or batch is None or not seq.blocks:
+            return
+        index = start // self._chunk
+        key, block_start, block_end = seq.blocks[index]
+        if (block_start, block_end) != (start, end):
+            return  # not a whole block (cannot happen with fixed chunk boundaries)
+        parent = seq.blocks[index - 1][0] if index else None
+        if not cache.wants(key, parent):
+            cache.touch(key)
+            return
+        try:
+            kv = batch.copy_out(seq.slot, start, end)
+        except Exception:
+            log.exception("copying a prompt block for the prefix cache failed")
+            return
+        tokens = seq.job.prompt_ids[start:end]
+        cache.insert(key, parent, tokens, kv, logits.detach().clone())
 
     def _reap(self) -> None:
         for seq in self._slots:
@@ -440,7 +523,8 @@ class Scheduler:
             ran = True
             budget -= tokens
             complete = []
-            for (seq, _, end), logits in zip(group, results, strict=True):
+            for (seq, start, end), logits in zip(group, results, strict=True):
+                self._remember(seq, start, end, logits)
                 seq.prefilled = end
                 if seq.prompt_left == 0:
                     self._prefilling.remove(seq)

@@ -17,6 +17,11 @@ from server.models.sources import converted_gguf, resolve_device, resolve_dtype,
 
 log = logging.getLogger(__name__)
 
+# The int8 accuracy check (see _quantize_int8): its prompt, and the largest difference from the
+# float32 logits allowed, as a share of their range at a position.
+INT8_CHECK_PROMPT = "Explain in two sentences why the sky is blue, then name three colours."
+INT8_LOGIT_TOLERANCE = 0.1
+
 # Hugging Face chat templates call a tool's result "tool"; ChatGLM3 calls it "observation".
 _TEMPLATE_ROLES = {
     Role.SYSTEM: "system",
@@ -65,6 +70,8 @@ class TransformersChatModel(ChatModel):
         # Requests' tokenization (prompts, Tokenize) and the scheduler's decoding each have a
         # tokenizer and a lock of their own (see _LockedDecoder).
         self._lock = threading.Lock()
+        if spec.quantize == "int8":
+            self._quantize_int8()
         self._decoder = _LockedDecoder(copy.deepcopy(self._tokenizer), threading.Lock())
 
         config_context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
@@ -82,6 +89,36 @@ class TransformersChatModel(ChatModel):
             self._context_length,
             sorted(self._stop_ids),
         )
+
+    def _quantize_int8(self) -> None:
+        """int8 linear weights, refused when the logits move too far from float32's."""
+        from server.models.int8_linear import logit_error, prompt_logits, quantize_linears
+
+        if self._device.type != "cpu" or self._model.dtype != torch.float32:
+            raise ValueError(
+                f"model {self._spec.id}: quantize = 'int8' needs device 'cpu' and dtype "
+                f"'float32' (got {self._device}, {self._model.dtype})"
+            )
+        ids = self.build_prompt([ChatMessage(Role.USER, INT8_CHECK_PROMPT)])
+        reference = prompt_logits(self._model, ids)
+        layers = quantize_linears(self._model)
+        error, agree = logit_error(reference, prompt_logits(self._model, ids))
+        log.info(
+            "model %s: int8 weights in %d linear layers; on a fixed %d-token prompt the logits "
+            "differ from float32's by at most %.4f of their range (tolerance %.2f), and the top "
+            "token agrees at %.0f%% of positions",
+            self._spec.id,
+            layers,
+            len(ids),
+            error,
+            INT8_LOGIT_TOLERANCE,
+            100 * agree,
+        )
+        if error > INT8_LOGIT_TOLERANCE:
+            raise ValueError(
+                f"model {self._spec.id}: int8 weights move the logits by {error:.4f} of their "
+                f"range, more than the tolerance {INT8_LOGIT_TOLERANCE}: keep quantize = 'none'"
+            )
 
     def _collect_stop_ids(self) -> set[int]:
         ids: set[int] = set()

@@ -289,9 +289,15 @@ async def reply(
 
 @pytest.fixture(scope="module")
 async def batch_app() -> AsyncIterator[GlmApp]:
-    """The chat model alone, 8 sequences at once, 2 waiting places, 104-token steps."""
+    """The chat model alone, 8 sequences at once, 2 waiting places, 104-token steps.
+
+    No prefix cache: these tests repeat prompts to watch how they are fed, which the cache would
+    skip (tests/test_prefix_cache.py runs the same comparisons with it).
+    """
     [chat] = [s for s in load_model_specs(DEFAULT_CONFIG) if s.kind is ModelKind.CHAT]
-    spec = dataclasses.replace(chat, max_concurrent=8, max_waiting=2, max_batch_tokens=104)
+    spec = dataclasses.replace(
+        chat, max_concurrent=8, max_waiting=2, max_batch_tokens=104, prefix_cache_mb=0
+    )
     app = GlmApp(make_settings(), specs=(spec,))
     await app.start()
     await app.load_models()

@@ -305,6 +305,8 @@ FAMILIES = (
     "glm_chat_running_sequences",
     "glm_chat_waiting_requests",
     "glm_embed_waiting_prompts",
+    "glm_chat_prefix_cache_hits",
+    "glm_chat_prefix_cache_tokens_saved",
     "glm_engine_pass_sequences",
     "glm_engine_pass_tokens",
     "glm_engine_pass_padded_tokens",

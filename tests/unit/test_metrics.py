@@ -193,6 +193,8 @@ def test_engine_observer_and_queue_gauges() -> None:
     class Stats:
         running = 3
         waiting = 5
+        prefix_cache_hits = 2
+        prefix_cache_tokens_saved = 300
 
     metrics = Metrics()
     metrics.watch_queues(lambda: {"chat-model": Stats()}, lambda: {"embed-model": 7})
@@ -206,6 +208,8 @@ def test_engine_observer_and_queue_gauges() -> None:
     assert value(metrics, "glm_chat_running_sequences", model="chat-model") == 3
     assert value(metrics, "glm_chat_waiting_requests", model="chat-model") == 5
     assert value(metrics, "glm_embed_waiting_prompts", model="embed-model") == 7
+    assert value(metrics, "glm_chat_prefix_cache_hits_total", model="chat-model") == 2
+    assert value(metrics, "glm_chat_prefix_cache_tokens_saved_total", model="chat-model") == 300
 
 
 def test_metrics_server_serves_the_text_format_and_frees_its_port() -> None:

@@ -82,15 +82,18 @@ def run(
     max_batch_tokens: int = 256,
     max_wait_s: float = 0.0,
     spacing_s: float = 0.0,
+    batch: RecordingBatch | None = None,
+    prefix_cache_bytes: int = 0,
 ) -> list[list[tuple[int, int]]]:
     """Submit one job per prompt length, `spacing_s` apart, to an idle scheduler; its passes."""
-    batch = RecordingBatch(8, shared_min)
+    batch = RecordingBatch(8, shared_min) if batch is None else batch
     monkeypatch.setattr(scheduler_module, "open_batch", lambda *args: batch)
     scheduler = Scheduler(
         MODEL,  # type: ignore[arg-type]  # the scheduler reads only these attributes
         max_concurrent=8,
         max_batch_tokens=max_batch_tokens,
         max_wait_s=max_wait_s,
+        prefix_cache_bytes=prefix_cache_bytes,
     )
     scheduler.wait_open()
     done = threading.Semaphore(0)
@@ -306,3 +309,55 @@ def test_each_step_reads_every_sequences_token_back_in_one_transfer(
         while not queue.empty():
             events.append(queue.get_nowait())
         assert events[-1].usage.completion_tokens == 4
+
+
+class CopyingBatch(RecordingBatch):
+    """A RecordingBatch whose slots' keys and values can be copied (for the prefix cache)."""
+
+    def __init__(self, fail_copy_in: bool = False) -> None:
+        super().__init__(8, 12)
+        self.copied_in: list[int] = []
+        self.fail_copy_in = fail_copy_in
+
+    @property
+    def copies_prefixes(self) -> bool:
+        return True
+
+    def copy_out(self, slot: int, start: int, end: int) -> Any:
+        return [torch.zeros(end - start)]
+
+    def copy_in(self, slot: int, parts: Sequence[Any]) -> int:
+        if self.fail_copy_in:
+            raise RuntimeError("no memory")
+        length = sum(part[0].shape[0] for part in parts)
+        self.copied_in.append(length)
+        return length
+
+
+def test_prompts_start_from_cached_blocks_and_compute_only_the_rest(
+    monkeypatch: pytest.MonkeyPatch, loop: asyncio.AbstractEventLoop
+) -> None:
+    batch = CopyingBatch()
+    # Chunks of 248 tokens; one prompt at a time (each ends at its first token).
+    passes = run(
+        monkeypatch,
+        loop,
+        [300, 300, 400, 100],
+        batch=batch,
+        prefix_cache_bytes=1 << 20,
+        spacing_s=0.3,
+    )
+    # 300: two chunks computed; 300 again: found whole, no pass; 400: the first 248 found, the
+    # rest computed; 100: nothing in common with a whole block.
+    assert passes == [[(0, 248)], [(0, 52)], [(0, 152)], [(0, 100)]]
+    assert batch.copied_in == [300, 248]
+
+
+def test_a_failed_restore_computes_the_prompt(
+    monkeypatch: pytest.MonkeyPatch, loop: asyncio.AbstractEventLoop
+) -> None:
+    batch = CopyingBatch(fail_copy_in=True)
+    passes = run(
+        monkeypatch, loop, [50, 50], batch=batch, prefix_cache_bytes=1 << 20, spacing_s=0.3
+    )
+    assert passes == [[(0, 50)], [(0, 50)]]

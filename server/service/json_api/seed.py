@@ -21,7 +21,7 @@ from pydantic.alias_generators import to_camel
 
 from glm.v1 import glm_service_pb2 as pb
 from server.errors import GlmError, InvalidArgumentError, UnsupportedMediaTypeError, clipped
-from server.models.chatglm3_tools import ToolCallError, format_tool_call
+from server.models.chatglm3.tools import ToolCallError, format_tool_call
 from server.service.json_api.common import (
     SEED_SSE,
     FloatList,

@@ -1,0 +1,126 @@
+"""int8 weight-only linear layers on the CPU (the `quantize = "int8"` model option).
+
+Each linear layer's weight is stored as int8 with one scale per output row (symmetric, the row's
+largest magnitude maps to 127), a quarter of float32's bytes, and multiplied by torch's own
+`_weight_int8pack_mm` kernel. That kernel's float32 path is a slow reference loop on the CPUs
+tried, so activations go through it in bfloat16 and come back in the model's dtype.
+
+Batch invariance: the kernel computes each row of the input on its own (its result does not
+depend on the other rows or their number); `quantize_linears` checks that on the model's own
+layer shapes and, where it does not hold, the layer computes one row per call, which always does.
+The server's measured plans (server/engine/invariant_linear.py) apply to `torch.nn.Linear`
+layers only, so they leave these layers alone.
+
+Accuracy: `logit_error` compares a model's logits with the float32 model's on a fixed prompt;
+the loader logs the figure and refuses a quantized model beyond its tolerance.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Int8Linear", "logit_error", "quantize_linears"]
+
+_ACTIVATION = torch.bfloat16
+# Rows the invariance check compares: one alone against the same row among many.
+_PROBE_ROWS = (1, 3, 8, 61)
+
+
+class Int8Linear(torch.nn.Module):
+    """y = x @ (int8 weight * scale).T + bias, the weight quantized per output row."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.register_buffer(
+            "qweight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        )
+        self.register_buffer("scales", scale.to(_ACTIVATION))
+        bias = linear.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.out_dtype = linear.weight.dtype
+        # Set by `quantize_linears` where the kernel is not row-invariant for this shape.
+        self.row_by_row = False
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(_ACTIVATION).contiguous()
+        if self.row_by_row and flat.shape[0] > 1:
+            out = torch.cat([self._mm(flat[i : i + 1]) for i in range(flat.shape[0])])
+        else:
+            out = self._mm(flat)
+        out = out.to(self.out_dtype)
+        bias = self.bias
+        if isinstance(bias, torch.Tensor):
+            out = out + bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def _row_invariant(layer: Int8Linear) -> bool:
+    """Whether a row gets the same bits alone and among other rows (any count probed)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(max(_PROBE_ROWS), layer.in_features, generator=generator).to(_ACTIVATION)
+    alone = [layer._mm(x[i : i + 1].contiguous()) for i in range(max(_PROBE_ROWS))]
+    for rows in _PROBE_ROWS[1:]:
+        together = layer._mm(x[:rows].contiguous())
+        if any(not torch.equal(together[i], alone[i][0]) for i in range(rows)):
+            return False
+    return True
+
+
+def quantize_linears(model: torch.nn.Module, skip: Sequence[str] = ()) -> int:
+    """Replace every `torch.nn.Linear` of a CPU model (but those named in `skip`) in place.
+
+    Returns how many layers were replaced. Layers sharing a weight shape share the invariance
+    verdict, checked once per shape.
+    """
+    verdicts: dict[tuple[int, int], bool] = {}
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, torch.nn.Linear) or name in skip:
+            continue
+        if module.weight.device.type != "cpu":
+            where = module.weight.device
+            raise ValueError(f"int8 weights run on the CPU only; {name} is on {where}")
+        layer = Int8Linear(module)
+        shape = (layer.out_features, layer.in_features)
+        if shape not in verdicts:
+            verdicts[shape] = _row_invariant(layer)
+            if not verdicts[shape]:
+                log.info("int8 layers of shape %s compute a row per call (invariance)", shape)
+        layer.row_by_row = not verdicts[shape]
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer)
+        replaced += 1
+    return replaced
+
+
+@torch.inference_mode()
+def prompt_logits(model: torch.nn.Module, ids: Sequence[int]) -> torch.Tensor:
+    """Every position's logits of `ids` in one plain forward pass (float32)."""
+    out = model(input_ids=torch.tensor([list(ids)]), use_cache=False)
+    logits: torch.Tensor = out.logits[0].float()
+    return logits
+
+
+def logit_error(reference: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
+    """(largest absolute difference over the reference's logit range, share of top-1 agreement)."""
+    spread = (reference.amax(dim=-1) - reference.amin(dim=-1)).clamp(min=1e-6)
+    error = ((logits - reference).abs().amax(dim=-1) / spread).max().item()
+    agree = (logits.argmax(dim=-1) == reference.argmax(dim=-1)).float().mean().item()
+    return float(error), float(agree)
