@@ -80,11 +80,17 @@ def http_status(url: str) -> int:
 
 
 def start_gateway(
-    tmp: Path, *extra: str, config_text: str = E2E_CONFIG, env_extra: dict[str, str] | None = None
+    tmp: Path,
+    *extra: str,
+    config_text: str = E2E_CONFIG,
+    env_extra: dict[str, str] | None = None,
+    grpc_port: int = 0,
 ) -> Gateway:
+    """Start `python -m gateway` on free ports (the gRPC port given, with replicas: the first of
+    as many free ports in a row)."""
     config = tmp / "models.toml"
     config.write_text(config_text)
-    grpc_port, http_port = free_port(), free_port()
+    grpc_port, http_port = grpc_port or free_port(), free_port()
     log = tmp / "gateway.log"
     env = dict(
         os.environ,
