@@ -41,6 +41,9 @@ PARTS: dict[str, Part] = {
     "streams": Part("bench.streams", "concurrent chat streams, and OpenAI-compatible peers"),
     "envoy": Part("bench.envoy", "JSON through Envoy against direct gRPC"),
     "security": Part("bench.security", "API keys and TLS against plaintext, direct and via Envoy"),
+    "replicas": Part(
+        "bench.replicas", "1, 2 and 3 replicas behind Envoy, and a replica killed under load"
+    ),
 }
 # What a part's failure to run looks like (a server that does not start, a missing model, a
 # failed call): the run goes on with the next part and exits 1.
