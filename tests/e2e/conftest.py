@@ -99,8 +99,8 @@ def start_gateway(
         GLM_CONFIG=str(config),
         GLM_CORS_ORIGINS=ALLOWED_ORIGIN,
         GLM_SHUTDOWN_GRACE_S="5",
-        **(env_extra or {}),
     )
+    env.update(env_extra or {})
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", *extra],
