@@ -9,6 +9,11 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # The stamp changes whenever a requirements file does, so `setup` reinstalls only when needed.
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml | sha1sum | cut -c1-12)
+# The Kubernetes manifest checkers (checkov, kubernetes-validate), in a virtualenv of their own:
+# checkov's dependencies conflict with the server's pins.
+DEPLOY_VENV := .venv-deploy
+DEPLOY_STAMP := $(DEPLOY_VENV)/.installed-$(shell cat requirements-deploy.txt | sha1sum | cut -c1-12)
+K8S_ENVOY := deploy/kubernetes/base/envoy
 BUF := node_modules/.bin/buf
 PROTO := proto/glm/v1/glm_service.proto proto/glm/v1/http_gateway.proto
 # The descriptor set Envoy's transcoder reads (both services, with their imports).
@@ -42,7 +47,14 @@ JAVA_CP := $(subst $(empty) $(empty),:,$(patsubst %,/usr/share/java/%.jar,$(JAVA
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-setup: $(STAMP) ## Create the virtualenv with the pinned dependencies.
+setup: $(STAMP) $(DEPLOY_STAMP) ## Create the virtualenvs with the pinned dependencies.
+
+$(DEPLOY_STAMP): requirements-deploy.txt
+	test -x $(DEPLOY_VENV)/bin/python || $(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/pip install -q --upgrade pip
+	$(DEPLOY_VENV)/bin/pip install -q -r requirements-deploy.txt
+	rm -f $(DEPLOY_VENV)/.installed-*
+	touch $@
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -91,8 +103,10 @@ run: $(STAMP) ## Serve the default models: JSON and gRPC on :8100 (Envoy), gRPC 
 run-grpc: $(STAMP) ## Serve the gRPC server alone (no Envoy), on $$GLM_GRPC_ADDRESS.
 	$(PY) -m server
 
-envoy-config: $(STAMP) ## Regenerate envoy/envoy.compose.yaml (the config docker-compose mounts).
+envoy-config: $(STAMP) ## Regenerate the Envoy configs docker-compose and Kubernetes mount.
 	$(PY) -m gateway render --compose > envoy/envoy.compose.yaml
+	$(PY) -m gateway render --kubernetes > $(K8S_ENVOY)/envoy.yaml
+	cp $(DESCRIPTOR) $(K8S_ENVOY)/glm_v1.binpb
 
 test: $(STAMP) ## Run the test suite (real models, real servers on free ports).
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -155,7 +169,7 @@ client-java: gen-java ## Build the Java example (clients/java/build/chat-example
 clients: client-ts client-go client-cpp client-java ## Build every non-Python client.
 
 clean: ## Remove the virtualenv and caches (the converted-model cache is kept).
-	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DEPLOY_VENV) node_modules .pytest_cache .mypy_cache .ruff_cache
 	rm -rf clients/typescript/node_modules clients/typescript/dist clients/typescript/src/gen \
 	  clients/go/glmv1 clients/go/bin clients/go/.gopath clients/cpp/gen clients/cpp/build \
 	  clients/java/gen clients/java/build

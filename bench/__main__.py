@@ -42,6 +42,9 @@ PARTS: dict[str, Part] = {
     "envoy": Part("bench.envoy", "JSON through Envoy against direct gRPC"),
     "security": Part("bench.security", "API keys and TLS against plaintext, direct and via Envoy"),
     "llama": Part("bench.llama", "llama.cpp's llama-server on the same GGUF (skipped if unbuilt)"),
+    "replicas": Part(
+        "bench.replicas", "1, 2 and 3 replicas behind Envoy, and a replica killed under load"
+    ),
 }
 # What a part's failure to run looks like (a server that does not start, a missing model, a
 # failed call): the run goes on with the next part and exits 1.

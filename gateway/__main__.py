@@ -1,7 +1,8 @@
 """`python -m gateway`: run the server and Envoy together (what `make run` does).
 
-`python -m gateway render [--compose]` prints the Envoy config instead: for this machine's
-settings, or for docker-compose (envoy/envoy.compose.yaml is that output).
+`python -m gateway render [--compose | --kubernetes]` prints the Envoy config instead: for this
+machine's settings, for docker-compose (envoy/envoy.compose.yaml is that output), or for
+Kubernetes (deploy/kubernetes/base/envoy/envoy.yaml).
 """
 
 from __future__ import annotations
@@ -9,7 +10,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from gateway.envoy_config import compose_target, render, target_from_settings
+from gateway.envoy_config import (
+    compose_target,
+    kubernetes_target,
+    render,
+    target_from_settings,
+)
 from server.logs import configure_logging
 from server.settings import load_settings
 
@@ -18,10 +24,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch `render` or run both processes; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["render"]:
-        compose = "--compose" in args
-        rest = [a for a in args[1:] if a != "--compose"]
+        compose, kubernetes = "--compose" in args, "--kubernetes" in args
+        rest = [a for a in args[1:] if a not in ("--compose", "--kubernetes")]
         settings = load_settings(rest)
-        target = compose_target(settings) if compose else target_from_settings(settings)
+        if kubernetes:
+            target = kubernetes_target(settings)
+        elif compose:
+            target = compose_target(settings)
+        else:
+            target = target_from_settings(settings)
         sys.stdout.write(render(target))
         return 0
     try:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import re
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from google.api import annotations_pb2
 
 from glm.v1 import http_gateway_pb2
+from server.config import ModelSpec, load_model_specs
+from server.domain import ModelKind
 from server.service.json_api.common import GRPC_ON_JSON_ROUTE
 from server.settings import Settings
 
@@ -49,6 +51,19 @@ _TLS_SOCKET = "envoy.transport_sockets.tls"
 _TLS_TYPES = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
 # Where a compose health probe finds Envoy's /healthz in plain HTTP (inside the container only).
 COMPOSE_HEALTH_PORT = 8101
+# The most server replicas a compose or Kubernetes deployment scales to (the autoscaler's
+# maximum): Envoy's circuit breaker there is sized for that many.
+MAX_SCALED_REPLICAS = 8
+# Envoy's admin socket in a container (compose, Kubernetes): /tmp is its writable scratch space.
+CONTAINER_ADMIN_SOCKET = "/tmp/envoy-admin.sock"
+# The calls besides chat (Embed, Tokenize, ListModels and their JSON routes) that one replica is
+# given at once by Envoy's circuit breaker: they are short and batched, and the server bounds
+# nothing but its chat queues, so the breaker is what bounds them.
+SHORT_CALLS_PER_REPLICA = 256
+# The share of replicas (a percentage) that must pass their health checks for the health probe
+# to pass: 1 %, i.e. any one of up to 100, so that one serving replica keeps the proxy serving.
+# (Envoy reads a share much below 1 % as no requirement at all.)
+_ANY_HEALTHY_PERCENT = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,14 +97,35 @@ class EnvoyTarget:
     # The Host names served ("*": any).
     allowed_hosts: tuple[str, ...] = ("*",)
     max_connections: int = 4096
-    # A plaintext loopback listener that answers only /healthz (0: none).
+    # A plaintext listener that answers only /healthz (0: none), on loopback unless said.
     health_port: int = 0
+    health_host: str = "127.0.0.1"
+    # Servers on consecutive ports from backend_port (replicas on one host); with a DNS name
+    # that resolves to every replica, 1.
+    backend_count: int = 1
+    # The circuit breaker: calls in flight to all the servers together (replica_capacity()).
+    max_requests: int = 1024
+    # Envoy's admin interface (a Unix socket; /healthz reads the replicas' counts from it).
+    admin_socket: str = CONTAINER_ADMIN_SOCKET
+
+
+def replica_capacity(specs: tuple[ModelSpec, ...]) -> int:
+    """The calls one server takes at once before it refuses more: its chat slots and waiting
+    lines, plus SHORT_CALLS_PER_REPLICA for everything else."""
+    chat = sum(s.max_concurrent + s.max_waiting for s in specs if s.kind is ModelKind.CHAT)
+    return chat + SHORT_CALLS_PER_REPLICA
+
+
+def max_requests_for(settings: Settings, replicas: int) -> int:
+    """Envoy's circuit breaker for `replicas` servers of the models in settings.config."""
+    return replicas * replica_capacity(load_model_specs(settings.config))
 
 
 def target_from_settings(
     settings: Settings, sds_dir: Path | None = None, backend_trust_file: Path | None = None
 ) -> EnvoyTarget:
-    """Envoy beside a local server: the backend is the server's gRPC address.
+    """Envoy beside local servers: the backend is the server's gRPC address, and with replicas
+    the ports after it. Its admin socket goes in `sds_dir` (the supervisor's folder), else /tmp.
 
     With TLS, Envoy serves the server's certificate and speaks TLS to the server too; it trusts
     `backend_trust_file` there (the supervisor writes the server's own certificate into one),
@@ -122,6 +158,9 @@ def target_from_settings(
         tls=tls,
         allowed_hosts=settings.http_allowed_host_list,
         max_connections=settings.http_max_connections,
+        backend_count=settings.replicas,
+        max_requests=max_requests_for(settings, settings.replicas),
+        admin_socket=str((sds_dir or Path("/tmp")) / "glm-api-envoy-admin.sock"),
     )
 
 
@@ -135,7 +174,8 @@ def compose_target(settings: Settings) -> EnvoyTarget:
     TLS always, from the compose secrets (read at start: a secret file is bind-mounted, so a
     replaced file reaches the container only through a restart); mTLS when the settings name a
     client CA. The hop to the server stays on the compose network, in plaintext. A plaintext
-    /healthz on loopback inside the container serves the compose health probe.
+    /healthz on loopback inside the container serves the compose health probe. The circuit
+    breaker is sized for MAX_SCALED_REPLICAS servers (or settings.replicas, if more).
     """
     explicit_hosts = tuple(
         h.strip().lower() for h in settings.http_allowed_hosts.split(",") if h.strip()
@@ -158,6 +198,33 @@ def compose_target(settings: Settings) -> EnvoyTarget:
         allowed_hosts=explicit_hosts or ("*",),
         max_connections=settings.http_max_connections,
         health_port=COMPOSE_HEALTH_PORT,
+        max_requests=max_requests_for(settings, max(settings.replicas, MAX_SCALED_REPLICAS)),
+    )
+
+
+# Kubernetes (deploy/kubernetes): the namespace and headless Service the servers are found by,
+# and where the TLS Secret and the descriptor are mounted.
+K8S_NAMESPACE = "glm-api"
+K8S_SERVER_SERVICE = "glm-api-server"
+K8S_TLS_DIR = "/etc/glm-api/tls"
+K8S_DESCRIPTOR = "/etc/glm-api/descriptor/glm_v1.binpb"
+K8S_CONFIG = ROOT / "deploy" / "kubernetes" / "base" / "envoy" / "envoy.yaml"
+
+
+def kubernetes_target(settings: Settings) -> EnvoyTarget:
+    """Envoy as a Deployment of its own in Kubernetes, in front of the server pods.
+
+    The backend is the headless Service's DNS name (STRICT_DNS: one endpoint per ready pod).
+    TLS from the `glm-api-tls` Secret; the hop to the servers is plaintext inside the cluster,
+    where a NetworkPolicy admits only Envoy. The plaintext /healthz listener is on every
+    interface, for the kubelet's probes.
+    """
+    return replace(
+        compose_target(settings),
+        backend_host=f"{K8S_SERVER_SERVICE}.{K8S_NAMESPACE}.svc.cluster.local",
+        descriptor=K8S_DESCRIPTOR,
+        tls=EnvoyTls(cert_file=f"{K8S_TLS_DIR}/tls.crt", key_file=f"{K8S_TLS_DIR}/tls.key"),
+        health_host="0.0.0.0",
     )
 
 
@@ -398,6 +465,22 @@ def _host_refusal(target: EnvoyTarget, indent: str) -> str:
     return f"\n{indent}- {json.dumps(vhost)}"
 
 
+def _healthz_mapper(indent: str) -> str:
+    """/healthz answers with its own JSON body (replica counts), kept as it is: the first
+    matching mapper wins, and this one changes nothing."""
+    mapper = {
+        "filter": {
+            "header_filter": {
+                "header": {
+                    "name": ":path",
+                    "string_match": {"safe_regex": {"regex": r"^/healthz(\?.*)?$"}},
+                }
+            }
+        }
+    }
+    return f"\n{indent}- {json.dumps(mapper)}"
+
+
 def _host_refusal_mapper(indent: str) -> str:
     """The JSON error body of the Host refusal (a local reply like Envoy's others)."""
     body = {
@@ -431,7 +514,9 @@ def _health_listener(target: EnvoyTarget, indent: str) -> str:
         return ""
     listener = {
         "name": "health",
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": target.health_port}},
+        "address": {
+            "socket_address": {"address": target.health_host, "port_value": target.health_port}
+        },
         "filter_chains": [
             {
                 "filters": [
@@ -466,7 +551,7 @@ def _health_listener(target: EnvoyTarget, indent: str) -> str:
                                             {"name": ":path", "string_match": {"exact": "/healthz"}}
                                         ],
                                         "cluster_min_healthy_percentages": {
-                                            "glm_backend": {"value": 100}
+                                            "glm_backend": {"value": _ANY_HEALTHY_PERCENT}
                                         },
                                     },
                                 },
@@ -487,6 +572,22 @@ def _health_listener(target: EnvoyTarget, indent: str) -> str:
     return f"\n{indent}- {json.dumps(listener)}"
 
 
+def _lb_endpoints(target: EnvoyTarget) -> str:
+    """The cluster's endpoints: one per server port."""
+    return json.dumps(
+        [
+            {
+                "endpoint": {
+                    "address": {
+                        "socket_address": {"address": target.backend_host, "port_value": port}
+                    }
+                }
+            }
+            for port in range(target.backend_port, target.backend_port + target.backend_count)
+        ]
+    )
+
+
 def render(target: EnvoyTarget) -> str:
     """The Envoy config for `target` (with SDS, Envoy also needs sds_files(target))."""
     origins = [{"exact": origin} for origin in target.cors_origins]
@@ -499,13 +600,15 @@ def render(target: EnvoyTarget) -> str:
     return string.Template(TEMPLATE.read_text()).substitute(
         listen_host=json.dumps(target.listen_host),
         listen_port=target.listen_port,
-        backend_host=json.dumps(target.backend_host),
-        backend_port=target.backend_port,
+        lb_endpoints=_lb_endpoints(target),
+        max_requests=target.max_requests,
+        admin_socket=json.dumps(target.admin_socket),
         descriptor=json.dumps(target.descriptor),
         cors_origins=json.dumps(origins),
         max_body_bytes=target.max_body_bytes,
         # The Host refusal comes first: the catch-all mappers by status class would take it.
-        local_reply_mappers=_host_refusal_mapper(" " * 20).lstrip("\n")
+        local_reply_mappers=_healthz_mapper(" " * 20).lstrip("\n")
+        + _host_refusal_mapper(" " * 20)
         + "\n"
         + _local_reply_mappers(" " * 20),
         method_routes=_method_routes(" " * 24),

@@ -139,6 +139,18 @@ class GlmApp:
         await self.health.set_serving(True)
         log.info("serving %d models (ready in %.1f s)", len(self.specs), time.monotonic() - started)
 
+    async def leave_balancers(self, delay: float | None = None) -> None:
+        """Report NOT_SERVING, then keep serving for `delay` seconds (drain_delay_s).
+
+        Envoy's health checks (or Kubernetes' readiness probe) see NOT_SERVING and stop sending
+        new calls here; calls that arrive in the meantime are still served, not refused.
+        """
+        delay = self.settings.drain_delay_s if delay is None else delay
+        await self.health.drain()
+        if delay > 0:
+            log.info("reporting NOT_SERVING; still accepting calls for %.1f s", delay)
+            await asyncio.sleep(delay)
+
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, refuse new calls, give running calls `grace` seconds, then stop."""
         grace = self.settings.shutdown_grace_s if grace is None else grace
@@ -157,8 +169,14 @@ async def serve(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT; returns the process exit code."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    received: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
 
     app = GlmApp(settings)
     await app.start()
@@ -175,6 +193,8 @@ async def serve(settings: Settings) -> int:
     else:
         await stopping
         log.info("signal received; shutting down")
+        if received[:1] == [signal.SIGTERM]:
+            await app.leave_balancers()
     stopping.cancel()
     await app.stop()
     return code

@@ -38,6 +38,14 @@ class Settings:
     cache_dir: Path = field(default_factory=_default_cache_dir)
     # Seconds in-flight calls get to finish after SIGTERM/SIGINT before they are cancelled.
     shutdown_grace_s: float = 10.0
+    # On SIGTERM, seconds the server keeps accepting calls after it reports NOT_SERVING, so that
+    # a balancer (Envoy's health checks, Kubernetes' endpoints) stops sending it new ones before
+    # it refuses them; above Envoy's health-check interval. SIGINT (Ctrl-C) skips the wait.
+    drain_delay_s: float = 2.0
+    # Server processes `python -m gateway` starts, on consecutive gRPC ports from grpc_address's
+    # (and metrics ports from metrics_port's), each with its share of torch_threads; Envoy
+    # balances calls over all of them and the supervisor restarts one that dies.
+    replicas: int = 1
     # The largest gRPC message received or sent, in bytes (gRPC's own default is 4 MiB).
     max_message_bytes: int = 16 * 1024 * 1024
     # Threads torch may use per operation; 0 keeps torch's default (one per core).
@@ -138,6 +146,8 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to any interface
 
 
+# More server processes than this on one host is a typo rather than a plan.
+MAX_REPLICAS = 64
 _ENV_PREFIX = "GLM_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -175,6 +185,14 @@ def _validate(settings: Settings) -> Settings:
         raise ValueError(f"metrics_port must be a TCP port or 0, got {settings.metrics_port}")
     if settings.shutdown_grace_s < 0:
         raise ValueError("shutdown_grace_s must not be negative")
+    if settings.drain_delay_s < 0:
+        raise ValueError("drain_delay_s must not be negative")
+    if not 1 <= settings.replicas <= MAX_REPLICAS:
+        raise ValueError(f"replicas must be between 1 and {MAX_REPLICAS}, got {settings.replicas}")
+    if settings.replicas > 1 and settings.grpc_port == 0:
+        raise ValueError("replicas need a fixed grpc_address port (their ports follow it)")
+    if settings.replicas > 1 and settings.grpc_port + settings.replicas > 65536:
+        raise ValueError("replicas: the gRPC ports after grpc_address's run past 65535")
     if settings.sse_heartbeat_s < 0:
         raise ValueError("sse_heartbeat_s must not be negative (0 sends no heartbeats)")
     _validate_security(settings)

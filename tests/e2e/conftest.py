@@ -83,11 +83,17 @@ def http_status(url: str) -> int:
 
 
 def start_gateway(
-    tmp: Path, *extra: str, config_text: str = E2E_CONFIG, env_extra: dict[str, str] | None = None
+    tmp: Path,
+    *extra: str,
+    config_text: str = E2E_CONFIG,
+    env_extra: dict[str, str] | None = None,
+    grpc_port: int = 0,
 ) -> Gateway:
+    """Start `python -m gateway` on free ports (the gRPC port given, with replicas: the first of
+    as many free ports in a row)."""
     config = tmp / "models.toml"
     config.write_text(config_text)
-    grpc_port, http_port = free_port(), free_port()
+    grpc_port, http_port = grpc_port or free_port(), free_port()
     log = tmp / "gateway.log"
     env = dict(
         os.environ,
@@ -96,8 +102,8 @@ def start_gateway(
         GLM_CONFIG=str(config),
         GLM_CORS_ORIGINS=ALLOWED_ORIGIN,
         GLM_SHUTDOWN_GRACE_S="5",
-        **(env_extra or {}),
     )
+    env.update(env_extra or {})
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", *extra],

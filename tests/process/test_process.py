@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients import GlmClient, GlmClientError
 from tests.conftest import free_port
@@ -172,5 +173,29 @@ def test_sigterm_drains_in_flight_calls_then_exits_0(tmp_path: Path) -> None:
         log = srv.log.read_text()
         assert "draining" in log
         assert "stopped" in log
+    finally:
+        stop_server(srv)
+
+
+def test_sigterm_reports_not_serving_first_and_serves_through_the_drain_delay(
+    tmp_path: Path,
+) -> None:
+    srv = start_server(tmp_path, "--drain-delay-s", "4")
+    try:
+        with GlmClient(srv.target) as client, grpc.insecure_channel(srv.target) as channel:
+            client.wait_until_ready(timeout=300)
+            health = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest(service="glm.v1.GlmService")
+            srv.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 3
+            while health.Check(request, timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline, "still SERVING after SIGTERM"
+                time.sleep(0.05)
+            # NOT_SERVING, so that balancers stop sending calls here; those that still come
+            # during the delay are served, not refused.
+            assert client.tokenize("late but served", timeout=10).token_ids
+            assert srv.proc.poll() is None
+        assert srv.proc.wait(timeout=60) == 0
+        assert "still accepting calls for 4.0 s" in srv.log.read_text()
     finally:
         stop_server(srv)
