@@ -34,6 +34,8 @@ from gateway.envoy_config import (
     COMPOSE_HEALTH_PORT,
     COMPOSE_SECRETS,
     DESCRIPTOR,
+    PAGE_DIR,
+    PAGE_FILES,
     EnvoyTls,
     compose_target,
     render,
@@ -538,11 +540,17 @@ def test_compose_envoy_mounts_the_generated_config_and_descriptor(
         mounts[target] = ROOT / source
     config_path = envoy_svc["command"][envoy_svc["command"].index("-c") + 1]
     descriptor_path = compose_target(Settings()).descriptor
-    assert set(mounts) == {config_path, descriptor_path}
+    page_dir = compose_target(Settings()).page_dir
+    assert set(mounts) == {config_path, descriptor_path, page_dir}
     assert mounts[config_path].resolve() == COMPOSE_CONFIG
     assert mounts[descriptor_path].resolve() == DESCRIPTOR
-    for source in mounts.values():
-        assert source.is_file(), f"{source} does not exist: Docker would mount an empty folder"
+    assert mounts[page_dir].resolve() == PAGE_DIR
+    for target, source in mounts.items():
+        if target == page_dir:
+            for name in PAGE_FILES.values():
+                assert (source / name).is_file(), f"{source / name} is missing (`make web`)"
+        else:
+            assert source.is_file(), f"{source} does not exist: Docker would mount an empty folder"
     assert f'proto_descriptor: "{descriptor_path}"' in COMPOSE_CONFIG.read_text()
 
 
@@ -659,6 +667,11 @@ def test_compose_envoy_config_validates(tmp_path: Path) -> None:
     # The descriptor is mounted in the container; here it is the repository's copy.
     assert text.count(descriptor) == 1
     text = text.replace(descriptor, str(DESCRIPTOR))
+    # So is the chat page's folder (Envoy reads its files at start).
+    page_dir = compose_target(Settings()).page_dir
+    assert page_dir is not None
+    assert text.count(page_dir) == len(PAGE_FILES)
+    text = text.replace(page_dir, str(PAGE_DIR))
     # So are the TLS secrets; here, certificates made for the test.
     certs = make_certs(tmp_path / "certs")
     for secret, path in (("tls_cert", certs.server_cert), ("tls_key", certs.server_key)):
@@ -702,6 +715,7 @@ def test_compose_envoy_healthcheck_probes_a_real_envoy(
         descriptor=str(DESCRIPTOR),
         tls=EnvoyTls(str(certs.server_cert), str(certs.server_key)),
         health_port=health_port,
+        page_dir=str(PAGE_DIR),
     )
     config = tmp_path / "envoy.yaml"
     config.write_text(render(target))
