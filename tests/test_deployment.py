@@ -692,6 +692,20 @@ def test_local_envoy_config_with_cors_validates(tmp_path: Path) -> None:
     assert "OK" in result.stdout
 
 
+@pytest.mark.parametrize("chat_page", [True, False])
+def test_local_envoy_config_with_and_without_the_chat_page_validates(
+    tmp_path: Path, chat_page: bool
+) -> None:
+    text = render(target_from_settings(Settings(chat_page=chat_page)))
+    page_files = [f'"filename": "{PAGE_DIR / name}"' for name in PAGE_FILES.values()]
+    assert all((f in text) == chat_page for f in page_files)
+    # gRPC-Web is answered either way (the page is one gRPC-Web client among others).
+    assert "envoy.filters.http.grpc_web" in text
+    result = validate(text, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

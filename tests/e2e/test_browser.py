@@ -13,7 +13,7 @@ import shutil
 import struct
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,10 +221,10 @@ def chromium() -> str:
     return path
 
 
-def wait_until(condition: object, timeout: float, what: str) -> None:
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if callable(condition) and condition():
+        if condition():
             return
         time.sleep(0.1)
     raise AssertionError(f"not within {timeout} s: {what}")
@@ -239,7 +239,7 @@ def server_cosine(served: Served, a: str, b: str) -> float:
         )
     u, v = (list(e.values) for e in reply.data)
     dot = sum(x * y for x, y in zip(u, v, strict=True))
-    return dot / math.sqrt(sum(x * x for x in u) * sum(y * y for y in v))
+    return float(dot / math.sqrt(sum(x * x for x in u) * sum(y * y for y in v)))
 
 
 def test_the_chat_page_in_chromium(served: Served, tmp_path: Path) -> None:
