@@ -42,7 +42,7 @@ empty :=
 JAVA_CP := $(subst $(empty) $(empty),:,$(patsubst %,/usr/share/java/%.jar,$(JAVA_JARS)))
 
 .PHONY: help setup gen gen-check lint buf-lint buf-breaking fmt run run-grpc envoy-config test test-fast bench perf-doc clean \
-  toolchains gen-ts gen-go gen-cpp gen-java client-ts client-go client-cpp client-java clients
+  toolchains web web-check gen-ts gen-go gen-cpp gen-java client-ts client-go client-cpp client-java clients
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -121,7 +121,7 @@ perf-doc: $(STAMP) ## Run every benchmark, then regenerate docs/performance.md f
 	$(PY) -m bench --json $(PERF_JSON) $(BENCH_ARGS)
 	$(PY) -m bench.report_md $(PERF_JSON) > docs/performance.md
 
-toolchains: ## Install the Debian toolchains of the Go, C++ and Java clients (root, idempotent).
+toolchains: ## Install the Debian toolchains of the Go, C++ and Java clients, and Chromium (root, idempotent).
 	scripts/install_toolchains.sh
 
 clients/typescript/node_modules: clients/typescript/package-lock.json
@@ -167,6 +167,15 @@ client-java: gen-java ## Build the Java example (clients/java/build/chat-example
 	chmod +x clients/java/build/chat-example
 
 clients: client-ts client-go client-cpp client-java ## Build every non-Python client.
+
+# The chat page's script is committed (so that `make run` and docker-compose need no npm) and
+# checked in CI to be what its sources build (esbuild's output is deterministic for its version).
+web: gen-ts ## Build the chat page's script, web/app.js, from clients/typescript/page/.
+	cd clients/typescript && npm run --silent page
+
+web-check: web ## Fail if web/app.js is not what `make web` builds.
+	@git diff --exit-code --stat -- web && test -z "$$(git status --porcelain -- web)" \
+	  || { echo "web/app.js is stale: run 'make web' and commit the result" >&2; exit 1; }
 
 clean: ## Remove the virtualenv and caches (the converted-model cache is kept).
 	rm -rf $(VENV) $(DEPLOY_VENV) node_modules .pytest_cache .mypy_cache .ruff_cache

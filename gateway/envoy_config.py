@@ -21,6 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "envoy" / "envoy.yaml.tmpl"
 DESCRIPTOR = ROOT / "gen" / "glm_v1.binpb"
 COMPOSE_CONFIG = ROOT / "envoy" / "envoy.compose.yaml"
+# The chat page: index.html (written by hand) and app.js (built by `make web`, committed).
+PAGE_DIR = ROOT / "web"
+PAGE_FILES = {"/": "index.html", "/app.js": "app.js"}
 
 # Envoy's own error replies, as (status, OpenAI error type, code): the same JSON shape the server
 # uses. 426 answers HTTP/1.0, 431 header floods and huge URLs, 501 unknown transfer encodings.
@@ -107,6 +110,8 @@ class EnvoyTarget:
     max_requests: int = 1024
     # Envoy's admin interface (a Unix socket; /healthz reads the replicas' counts from it).
     admin_socket: str = CONTAINER_ADMIN_SOCKET
+    # The folder of the chat page's files, served at GET / (None: no page).
+    page_dir: str | None = None
 
 
 def replica_capacity(specs: tuple[ModelSpec, ...]) -> int:
@@ -161,11 +166,14 @@ def target_from_settings(
         backend_count=settings.replicas,
         max_requests=max_requests_for(settings, settings.replicas),
         admin_socket=str((sds_dir or Path("/tmp")) / "glm-api-envoy-admin.sock"),
+        page_dir=str(PAGE_DIR) if settings.chat_page else None,
     )
 
 
 # Where docker-compose mounts its secrets (docker-compose.yml's `secrets:`).
 COMPOSE_SECRETS = "/run/secrets"
+# Where docker-compose mounts web/ in the Envoy container.
+COMPOSE_PAGE_DIR = "/etc/glm-api/web"
 
 
 def compose_target(settings: Settings) -> EnvoyTarget:
@@ -199,6 +207,7 @@ def compose_target(settings: Settings) -> EnvoyTarget:
         max_connections=settings.http_max_connections,
         health_port=COMPOSE_HEALTH_PORT,
         max_requests=max_requests_for(settings, max(settings.replicas, MAX_SCALED_REPLICAS)),
+        page_dir=COMPOSE_PAGE_DIR if settings.chat_page else None,
     )
 
 
@@ -508,6 +517,61 @@ def _host_refusal_mapper(indent: str) -> str:
     return f"\n{indent}- {json.dumps(mapper)}"
 
 
+# The chat page is served by Envoy itself, as direct responses read from files at start: the
+# files are small and static, so this needs no web server in the model server's process, no
+# route or cluster of its own, and it answers while the models load. Envoy caps such bodies
+# (max_direct_response_body_size_bytes), and serves what it read at start until restarted.
+_PAGE_MAX_BYTES = 1 << 20
+_PAGE_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
+# The page loads only its own script and talks only to its own origin.
+_PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'unsafe-inline'; "
+    "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+def _page_routes(target: EnvoyTarget, indent: str) -> str:
+    """Routes that answer GET / and GET /app.js with the page's files (none without a page)."""
+    if target.page_dir is None:
+        return ""
+    routes = []
+    for path, name in PAGE_FILES.items():
+        headers = {
+            "content-type": _PAGE_TYPES[Path(name).suffix],
+            "content-security-policy": _PAGE_CSP,
+            "x-content-type-options": "nosniff",
+            "referrer-policy": "no-referrer",
+            # Revalidated on every load, so that a new build is picked up after a restart.
+            "cache-control": "no-cache",
+        }
+        route = {
+            "match": {
+                "path": path,
+                "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
+            },
+            "direct_response": {
+                "status": 200,
+                "body": {"filename": str(Path(target.page_dir) / name)},
+            },
+            # The transcoder would answer an unknown method itself, before the router.
+            "typed_per_filter_config": {
+                "envoy.filters.http.grpc_json_transcoder": {
+                    "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+                    "disabled": True,
+                }
+            },
+            "response_headers_to_add": [
+                {
+                    "header": {"key": key, "value": value},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+                for key, value in headers.items()
+            ],
+        }
+        routes.append(f"\n{indent}- {json.dumps(route)}")
+    return "".join(routes)
+
+
 def _health_listener(target: EnvoyTarget, indent: str) -> str:
     """A loopback listener in plain HTTP that answers /healthz only (the compose probe)."""
     if not target.health_port:
@@ -620,4 +684,6 @@ def render(target: EnvoyTarget) -> str:
         allowed_hosts=json.dumps(list(target.allowed_hosts)),
         host_refusal=_host_refusal(target, " " * 20),
         health_listener=_health_listener(target, " " * 4),
+        page_routes=_page_routes(target, " " * 24),
+        page_max_bytes=_PAGE_MAX_BYTES,
     )

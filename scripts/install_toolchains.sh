@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Installs the Debian packages that build the non-Python clients under clients/, idempotently:
-# nothing is downloaded when every package of the asked languages is installed already.
+# Installs the Debian packages that build the non-Python clients under clients/, and the browser
+# the chat page is tested in, idempotently: nothing is downloaded when every package of the asked
+# languages is installed already.
 #
-#   scripts/install_toolchains.sh [go] [cpp] [java]     (no argument: all three)
+#   scripts/install_toolchains.sh [go] [cpp] [java] [browser]     (no argument: all four)
 #
 # TypeScript needs only Node.js and npm (clients/typescript installs its own npm packages).
 # Needs root (apt-get); prints what it installs and how long it took.
@@ -16,15 +17,18 @@ declare -A PACKAGES=(
   # Debian's libgrpc-java declares almost none of the jars grpc-netty needs at run time: list them.
   # grpc_java_plugin annotates stubs with javax.annotation.Generated, gone from the JDK: geronimo.
   # Debian's netty lacks the JDK ALPN negotiator, so TLS (HTTP/2 needs ALPN) goes through tcnative.
+  # Playwright drives Debian's Chromium in the chat page's test (tests/e2e/test_browser.py); a
+  # font, so that the page's screenshot shows text.
+  [browser]="chromium fonts-dejavu-core"
   [java]="default-jdk-headless protobuf-compiler protobuf-compiler-grpc-java-plugin libprotobuf-java libgrpc-java libgoogle-common-protos-java libguava-java libgoogle-gson-java libnetty-java libperfmark-java libjsr305-java liberror-prone-java libanimal-sniffer-java libopencensus-java libgeronimo-annotation-1.3-spec-java libnetty-tcnative-java libnetty-tcnative-jni"
 )
 
 langs=("$@")
-[[ ${#langs[@]} -gt 0 ]] || langs=(go cpp java)
+[[ ${#langs[@]} -gt 0 ]] || langs=(go cpp java browser)
 
 wanted=()
 for lang in "${langs[@]}"; do
-  [[ -n ${PACKAGES[$lang]:-} ]] || { echo "unknown language: $lang (go, cpp, java)" >&2; exit 2; }
+  [[ -n ${PACKAGES[$lang]:-} ]] || { echo "unknown language: $lang (go, cpp, java, browser)" >&2; exit 2; }
   read -r -a pkgs <<<"${PACKAGES[$lang]}"
   wanted+=("${pkgs[@]}")
 done

@@ -58,6 +58,8 @@ class Settings:
     # Browser origins allowed by CORS, comma-separated (e.g. "https://app.example.com"); none by
     # default, and never "*" unless written here.
     cors_origins: str = ""
+    # Serve the chat page (GET / and its script, web/) on the HTTP port.
+    chat_page: bool = True
     # Envoy's log level (trace, debug, info, warning, error, critical, off).
     envoy_log_level: str = "warning"
     # Where Prometheus scrapes the metrics (GET /metrics), on the host of grpc_address; 0 serves

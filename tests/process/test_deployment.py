@@ -34,6 +34,8 @@ from gateway.envoy_config import (
     COMPOSE_HEALTH_PORT,
     COMPOSE_SECRETS,
     DESCRIPTOR,
+    PAGE_DIR,
+    PAGE_FILES,
     EnvoyTls,
     compose_target,
     render,
@@ -453,11 +455,17 @@ def test_compose_envoy_mounts_the_generated_config_and_descriptor(
         mounts[target] = ROOT / source
     config_path = envoy_svc["command"][envoy_svc["command"].index("-c") + 1]
     descriptor_path = compose_target(Settings()).descriptor
-    assert set(mounts) == {config_path, descriptor_path}
+    page_dir = compose_target(Settings()).page_dir
+    assert set(mounts) == {config_path, descriptor_path, page_dir}
     assert mounts[config_path].resolve() == COMPOSE_CONFIG
     assert mounts[descriptor_path].resolve() == DESCRIPTOR
-    for source in mounts.values():
-        assert source.is_file(), f"{source} does not exist: Docker would mount an empty folder"
+    assert mounts[page_dir].resolve() == PAGE_DIR
+    for target, source in mounts.items():
+        if target == page_dir:
+            for name in PAGE_FILES.values():
+                assert (source / name).is_file(), f"{source / name} is missing (`make web`)"
+        else:
+            assert source.is_file(), f"{source} does not exist: Docker would mount an empty folder"
     assert f'proto_descriptor: "{descriptor_path}"' in COMPOSE_CONFIG.read_text()
 
 
@@ -554,6 +562,11 @@ def test_compose_envoy_config_validates(tmp_path: Path) -> None:
     # The descriptor is mounted in the container; here it is the repository's copy.
     assert text.count(descriptor) == 1
     text = text.replace(descriptor, str(DESCRIPTOR))
+    # So is the chat page's folder (Envoy reads its files at start).
+    page_dir = compose_target(Settings()).page_dir
+    assert page_dir is not None
+    assert text.count(page_dir) == len(PAGE_FILES)
+    text = text.replace(page_dir, str(PAGE_DIR))
     # So are the TLS secrets; here, certificates made for the test.
     certs = make_certs(tmp_path / "certs")
     for secret, path in (("tls_cert", certs.server_cert), ("tls_key", certs.server_key)):
@@ -569,6 +582,20 @@ def test_local_envoy_config_with_cors_validates(tmp_path: Path) -> None:
     text = render(target_from_settings(Settings(cors_origins=",".join(origins))))
     for origin in origins:
         assert json.dumps({"exact": origin}) in text
+    result = validate(text, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout
+
+
+@pytest.mark.parametrize("chat_page", [True, False])
+def test_local_envoy_config_with_and_without_the_chat_page_validates(
+    tmp_path: Path, chat_page: bool
+) -> None:
+    text = render(target_from_settings(Settings(chat_page=chat_page)))
+    page_files = [f'"filename": "{PAGE_DIR / name}"' for name in PAGE_FILES.values()]
+    assert all((f in text) == chat_page for f in page_files)
+    # gRPC-Web is answered either way (the page is one gRPC-Web client among others).
+    assert "envoy.filters.http.grpc_web" in text
     result = validate(text, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout
@@ -597,6 +624,7 @@ def test_compose_envoy_healthcheck_probes_a_real_envoy(
         descriptor=str(DESCRIPTOR),
         tls=EnvoyTls(str(certs.server_cert), str(certs.server_key)),
         health_port=health_port,
+        page_dir=str(PAGE_DIR),
     )
     config = tmp_path / "envoy.yaml"
     config.write_text(render(target))
