@@ -226,7 +226,8 @@ def kubernetes_target(settings: Settings) -> EnvoyTarget:
     The backend is the headless Service's DNS name (STRICT_DNS: one endpoint per ready pod).
     TLS from the `glm-api-tls` Secret; the hop to the servers is plaintext inside the cluster,
     where a NetworkPolicy admits only Envoy. The plaintext /healthz listener is on every
-    interface, for the kubelet's probes.
+    interface, for the kubelet's probes. No chat page: its files would need a volume of their own
+    in the Envoy pod, which the manifests do not ship.
     """
     return replace(
         compose_target(settings),
@@ -234,6 +235,7 @@ def kubernetes_target(settings: Settings) -> EnvoyTarget:
         descriptor=K8S_DESCRIPTOR,
         tls=EnvoyTls(cert_file=f"{K8S_TLS_DIR}/tls.crt", key_file=f"{K8S_TLS_DIR}/tls.key"),
         health_host="0.0.0.0",
+        page_dir=None,
     )
 
 
