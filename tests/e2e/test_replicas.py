@@ -230,6 +230,14 @@ class Load:
         thread.start()
         self.threads.append(thread)
 
+    def __enter__(self) -> Load:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # However the test ends, the callers stop: a failed assertion must not leave them
+        # calling a stopped gateway for the rest of the session.
+        self.stop.set()
+
     def finish(self) -> None:
         self.stop.set()
         for thread in self.threads:
@@ -281,16 +289,16 @@ def test_calls_spread_over_every_replica(replicas: Replicas) -> None:
 
 
 def test_sigkill_costs_only_the_streams_on_that_replica(replicas: Replicas) -> None:
-    load = Load(replicas.gateway.grpc_via_envoy)
-    load.start(embedders=3, chats=3, chat_tokens=200)
-    running = running_chats(replicas)
-    victim = max(range(REPLICAS), key=lambda i: running[i])
-    assert running[victim] >= 1
-    os.kill(replicas.pid(victim), signal.SIGKILL)
-    killed = time.monotonic()
-    degraded = wait_for_health(replicas, REPLICAS - 1, timeout=30)
-    time.sleep(3)
-    load.finish()
+    with Load(replicas.gateway.grpc_via_envoy) as load:
+        load.start(embedders=3, chats=3, chat_tokens=200)
+        running = running_chats(replicas)
+        victim = max(range(REPLICAS), key=lambda i: running[i])
+        assert running[victim] >= 1
+        os.kill(replicas.pid(victim), signal.SIGKILL)
+        killed = time.monotonic()
+        degraded = wait_for_health(replicas, REPLICAS - 1, timeout=30)
+        time.sleep(3)
+        load.finish()
     assert degraded["status"] == "degraded"
     assert load.embed_failed == []
     assert any(t > killed + 1 for t in load.embed_ok), "no Embed call was served after the kill"
@@ -314,16 +322,16 @@ def test_sigkill_costs_only_the_streams_on_that_replica(replicas: Replicas) -> N
 
 
 def test_sigterm_costs_no_call(replicas: Replicas) -> None:
-    load = Load(replicas.gateway.grpc_via_envoy)
-    # Short replies: the replica stopping finishes them within its drain grace.
-    load.start(embedders=3, chats=3, chat_tokens=24)
-    running = running_chats(replicas)
-    victim = max(range(REPLICAS), key=lambda i: running[i])
-    os.kill(replicas.pid(victim), signal.SIGTERM)
-    stopped = time.monotonic()
-    degraded = wait_for_health(replicas, REPLICAS - 1, timeout=30)
-    time.sleep(3)
-    load.finish()
+    with Load(replicas.gateway.grpc_via_envoy) as load:
+        # Short replies: the replica stopping finishes them within its drain grace.
+        load.start(embedders=3, chats=3, chat_tokens=24)
+        running = running_chats(replicas)
+        victim = max(range(REPLICAS), key=lambda i: running[i])
+        os.kill(replicas.pid(victim), signal.SIGTERM)
+        stopped = time.monotonic()
+        degraded = wait_for_health(replicas, REPLICAS - 1, timeout=30)
+        time.sleep(3)
+        load.finish()
     assert degraded == {
         "status_code": 200,
         "status": "degraded",
