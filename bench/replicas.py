@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -55,12 +56,25 @@ CHAT_STREAMS = 3
 START_TIMEOUT_S = 900.0
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel picks outgoing connections' local ports from."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def consecutive_free_ports(count: int) -> int:
-    """The first of `count` consecutive TCP ports that were all free a moment ago."""
+    """The first of `count` consecutive TCP ports that were all free a moment ago.
+
+    They lie below the ephemeral range: a replica that dies and is started again binds its port
+    anew, and an outgoing connection must not have taken that port in the meantime.
+    """
+    low, _ = _ephemeral_ports()
+    floor = 10000 if low > 10000 + 1000 else 1024
     for _ in range(200):
-        first = free_port()
-        if first + count > 65535:
-            continue
+        first = random.randrange(floor, low - count)
         socks: list[socket.socket] = []
         try:
             for port in range(first, first + count):
