@@ -6,6 +6,7 @@ Also resolves the configured device and dtype, since both depend on the machine,
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -98,29 +99,48 @@ def converted_gguf(spec: ModelSpec, source: str, dtype: torch.dtype, cache_dir: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     assert spec.gguf_file is not None
+    gguf_file = spec.gguf_file
     target = cache_dir / "converted" / f"{spec.id}-{_conversion_key(spec, source, dtype)}"
+
+    def write(staging: Path) -> None:
+        log.info(
+            "converting %s/%s to a transformers checkpoint (once; later starts load %s)",
+            source,
+            gguf_file,
+            target,
+        )
+        started = time.monotonic()
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=dtype)
+        # The GGUF quantizer marks the model as quantized, which save_pretrained refuses; the
+        # tensors are already dequantized, so drop the marker.
+        model.hf_quantizer = None
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        log.info("converted %s in %.1f s", spec.id, time.monotonic() - started)
+
+    return convert_once(target, write)
+
+
+def convert_once(target: Path, write: Callable[[Path], None]) -> Path:
+    """`target`, written by `write` unless it exists; one process converts, the others wait.
+
+    Replicas starting together on a cold cache would otherwise each do the same conversion, on
+    the same cores, at the same time; a lock file beside the target serializes them, and those
+    that waited find the finished folder.
+    """
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    log.info(
-        "converting %s/%s to a transformers checkpoint (once; later starts load %s)",
-        source,
-        spec.gguf_file,
-        target,
-    )
-    started = time.monotonic()
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=spec.gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=spec.gguf_file, dtype=dtype)
-    # The GGUF quantizer marks the model as quantized, which save_pretrained refuses; the tensors
-    # are already dequantized, so drop the marker.
-    model.hf_quantizer = None
-
-    def write(staging: Path) -> None:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-
-    publish_conversion(target, write)
-    log.info("converted %s in %.1f s", spec.id, time.monotonic() - started)
+    with open(target.parent / f".{target.name}.lock", "a+b") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process converting %s", target.name)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").is_file():
+            return target
+        publish_conversion(target, write)
     return target
 
 

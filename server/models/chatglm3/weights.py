@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from server.config import ModelSpec
-from server.models.sources import ModelLoadError, publish_conversion, resolve_source
+from server.models.sources import ModelLoadError, convert_once, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -356,14 +356,14 @@ def converted_chatglm3(spec: ModelSpec, folder: Path, cache_dir: Path) -> Path:
     Written under a temporary name and renamed, so a concurrent start never sees half a cache.
     """
     target = cache_dir / "converted" / f"{spec.id}-chatglm3-{_cache_key(folder)}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("converting the ChatGLM3 checkpoint %s to %s (once)", folder, target)
-    started = time.monotonic()
-    publish_conversion(target, lambda staging: convert_checkpoint(folder, staging))
-    log.info("converted %s in %.1f s", spec.id, time.monotonic() - started)
-    return target
+
+    def write(staging: Path) -> None:
+        log.info("converting the ChatGLM3 checkpoint %s to %s (once)", folder, target)
+        started = time.monotonic()
+        convert_checkpoint(folder, staging)
+        log.info("converted %s in %.1f s", spec.id, time.monotonic() - started)
+
+    return convert_once(target, write)
 
 
 def local_checkpoint(spec: ModelSpec) -> Path:
