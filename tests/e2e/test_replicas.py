@@ -71,11 +71,18 @@ class Replicas:
     metrics_ports: list[int]
 
     def healthz(self) -> tuple[int, dict[str, object]]:
-        try:
-            with urllib.request.urlopen(self.gateway.http + "/healthz", timeout=5) as response:
-                return int(response.status), json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return int(exc.code), json.loads(exc.read())
+        # Polled while replicas stop: a read that meets a reset connection is read again, once.
+        for attempt in (1, 2):
+            try:
+                with urllib.request.urlopen(self.gateway.http + "/healthz", timeout=5) as response:
+                    return int(response.status), json.loads(response.read())
+            except urllib.error.HTTPError as exc:
+                return int(exc.code), json.loads(exc.read())
+            except ConnectionResetError:
+                if attempt == 2:
+                    raise
+                time.sleep(0.2)
+        raise AssertionError("unreachable")
 
     def metric(self, index: int, name: str, label_suffix: tuple[str, str] | None = None) -> float:
         """The sum of a metric's samples on replica `index` (those whose label ends so)."""
