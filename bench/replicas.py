@@ -31,6 +31,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,6 +267,8 @@ class Failover:
     calls_failed: int
     eject_s: float
     rejoin_s: float
+    # The status codes of the calls lost, by count.
+    failed_codes: dict[str, int]
 
 
 def failover(gateway: Gateway, workers: int) -> Failover:
@@ -276,7 +279,8 @@ def failover(gateway: Gateway, workers: int) -> Failover:
     time.sleep(FAILOVER_AFTER_KILL_S)
     load.stop()
     rejoin_s = gateway.wait_serving(gateway.replicas, START_TIMEOUT_S)
-    return Failover(len(load.ok), len(load.failed), eject_s, rejoin_s)
+    codes = Counter(code for _, code in load.failed)
+    return Failover(len(load.ok), len(load.failed), eject_s, rejoin_s, dict(codes))
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,6 +326,7 @@ class ReplicasResult:
                 "calls_failed": self.failover.calls_failed,
                 "eject_s": self.failover.eject_s,
                 "rejoin_s": self.failover.rejoin_s,
+                "failed_codes": self.failover.failed_codes,
             },
             "background_cores": self.background_cores,
         }

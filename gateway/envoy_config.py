@@ -108,6 +108,9 @@ class EnvoyTarget:
     backend_count: int = 1
     # The circuit breaker: calls in flight to all the servers together (replica_capacity()).
     max_requests: int = 1024
+    # Retries always allowed at once, whatever the retry budget's share: one replica's calls
+    # (replica_capacity()), so that every call in flight on a replica that dies can be retried.
+    retry_concurrency: int = SHORT_CALLS_PER_REPLICA
     # Envoy's admin interface (a Unix socket; /healthz reads the replicas' counts from it).
     admin_socket: str = CONTAINER_ADMIN_SOCKET
     # The folder of the chat page's files, served at GET / (None: no page).
@@ -123,7 +126,12 @@ def replica_capacity(specs: tuple[ModelSpec, ...]) -> int:
 
 def max_requests_for(settings: Settings, replicas: int) -> int:
     """Envoy's circuit breaker for `replicas` servers of the models in settings.config."""
-    return replicas * replica_capacity(load_model_specs(settings.config))
+    return replicas * retry_concurrency_for(settings)
+
+
+def retry_concurrency_for(settings: Settings) -> int:
+    """The retries Envoy allows at once at least: one server's capacity for settings.config."""
+    return replica_capacity(load_model_specs(settings.config))
 
 
 def target_from_settings(
@@ -165,6 +173,7 @@ def target_from_settings(
         max_connections=settings.http_max_connections,
         backend_count=settings.replicas,
         max_requests=max_requests_for(settings, settings.replicas),
+        retry_concurrency=retry_concurrency_for(settings),
         admin_socket=str((sds_dir or Path("/tmp")) / "glm-api-envoy-admin.sock"),
         page_dir=str(PAGE_DIR) if settings.chat_page else None,
     )
@@ -207,6 +216,7 @@ def compose_target(settings: Settings) -> EnvoyTarget:
         max_connections=settings.http_max_connections,
         health_port=COMPOSE_HEALTH_PORT,
         max_requests=max_requests_for(settings, max(settings.replicas, MAX_SCALED_REPLICAS)),
+        retry_concurrency=retry_concurrency_for(settings),
         page_dir=COMPOSE_PAGE_DIR if settings.chat_page else None,
     )
 
@@ -668,6 +678,7 @@ def render(target: EnvoyTarget) -> str:
         listen_port=target.listen_port,
         lb_endpoints=_lb_endpoints(target),
         max_requests=target.max_requests,
+        retry_concurrency=target.retry_concurrency,
         admin_socket=json.dumps(target.admin_socket),
         descriptor=json.dumps(target.descriptor),
         cors_origins=json.dumps(origins),

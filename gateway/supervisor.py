@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -362,6 +363,8 @@ class Supervisor:
             if r.proc is not None and r.restart_at == 0.0
         ]
         envoy_code = _stop(self.envoy, "envoy", 10) if self.envoy else 0
+        # The rendered config, derived certificates and admin socket are this run's alone.
+        shutil.rmtree(self._workdir, ignore_errors=True)
         server_code = next((c for c in server_codes if c != 0), 0)
         log.info("stopped (server exit %d, envoy exit %d)", server_code, envoy_code)
         return 0 if server_code == 0 and envoy_code == 0 else 1

@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import psutil
@@ -352,6 +353,14 @@ def test_sigterm_costs_no_call(replicas: Replicas) -> None:
 
 def test_gateway_stops_every_replica(replicas: Replicas) -> None:
     pids = [replicas.pid(i) for i in range(REPLICAS)]
+    # Envoy runs on the config the supervisor rendered into its own working folder.
+    (envoy,) = [
+        c for c in psutil.Process(replicas.gateway.proc.pid).children() if "-c" in c.cmdline()
+    ]
+    cmdline = envoy.cmdline()
+    workdir = Path(cmdline[cmdline.index("-c") + 1]).parent
+    assert workdir.is_dir()
     stop_gateway(replicas.gateway)
-    for pid in pids:
+    for pid in [*pids, envoy.pid]:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not workdir.exists(), "the supervisor left its working folder behind"
