@@ -58,12 +58,18 @@ RUN useradd --uid "${APP_UID}" --user-group --create-home --shell /usr/sbin/nolo
     && chown glm:glm /cache
 
 # The code stays owned by root: the server cannot modify itself.
+COPY pyproject.toml README.md ./
 COPY server/ server/
 COPY gen/ gen/
 COPY config/ config/
 COPY clients/ clients/
 COPY gateway/ gateway/
 COPY envoy/ envoy/
+
+# The project itself, installed as `make setup` does: its packages and gen/'s glm package import
+# from /app with no PYTHONPATH. Editable, because the code finds config/, envoy/ and gen/'s
+# descriptor next to its own folders, which a copy into site-packages would leave behind.
+RUN pip install --no-deps -e .
 
 # GLM_HTTP_HOST only matters for `python -m gateway` (server and Envoy in one container).
 # Metrics are served on the container's loopback unless GLM_METRICS_HOST=0.0.0.0 is set too.
@@ -73,7 +79,6 @@ ENV GLM_GRPC_ADDRESS=0.0.0.0:50051 \
     GLM_CACHE_DIR=/cache \
     GLM_HTTP_HOST=0.0.0.0 \
     HF_HOME=/cache/huggingface \
-    PYTHONPATH=/app:/app/gen \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 USER ${APP_UID}:${APP_UID}

@@ -2,7 +2,7 @@
 
 Starts ``python -m gateway`` (the server and Envoy, as ``make run`` does) on free ports, then:
 - Tokenize and Embed: sequential calls on three paths, taking turns in a new random order each
-  round so that every path sees the same machine load: the seed's JSON route through Envoy
+  round so that every path sees the same machine load: the legacy JSON route through Envoy
   (Python's http.client on one kept-alive HTTP/1.1 connection), the same RPC over gRPC straight
   to the server (grpc's own generated client), and that gRPC call through Envoy. Each call's
   latency and the client's CPU time are recorded. http.client and json cost their client more
@@ -299,7 +299,7 @@ def sse_chat_tok_s(http_port: int, tokens: int) -> float:
         "messages": [{"role": "user", "content": defaults.DEFAULT_PROMPT}],
         "temperature": 0,
         "max_tokens": tokens,
-        "stream": True,  # the seed's /chat answers one object unless asked to stream
+        "stream": True,  # the legacy /chat answers one object unless asked to stream
     }
     try:
         started = time.perf_counter()
@@ -308,7 +308,7 @@ def sse_chat_tok_s(http_port: int, tokens: int) -> float:
         elapsed = time.perf_counter() - started
     finally:
         conn.close()
-    # The seed's framing: each event ends with a CRLF blank line.
+    # The legacy framing: each event ends with a CRLF blank line.
     events = [e for e in body.split(b"\r\n\r\n") if e.strip() and e.strip() != b"data: [DONE]"]
     usage = json.loads(events[-1].removeprefix(b"data: "))["usage"]
     return float(usage["completion_tokens"]) / elapsed

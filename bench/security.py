@@ -6,7 +6,7 @@ plaintext without API keys, one with an API keys file and TLS on every hop (Envo
 gRPC port and Envoy's hop to the server; `--mtls` adds client certificates), certificates made
 with trustme. Then, interleaved call by call so that both see the same machine load:
 - Tokenize and Embed: the median latency of sequential calls on three paths each: gRPC direct,
-  gRPC through Envoy (both with GlmClient, the same client for both setups), and the seed's JSON
+  gRPC through Envoy (both with GlmClient, the same client for both setups), and the legacy JSON
   route through Envoy (one kept-alive http.client connection, HTTP/1.1 or HTTPS);
 - chat: tokens/s of greedy streams, gRPC direct and SSE through Envoy, the setups taking turns.
 Each secure figure is printed with its plaintext twin and their ratio.
@@ -270,7 +270,7 @@ def sse_chat_tok_s(setup: Setup, tokens: int) -> float:
         "messages": [{"role": "user", "content": CHAT_PROMPT}],
         "temperature": 0,
         "max_tokens": tokens,
-        "stream": True,  # the seed's /chat answers one object unless asked to stream
+        "stream": True,  # the legacy /chat answers one object unless asked to stream
     }
     started = time.perf_counter()
     conn.request("POST", "/chat", body=json.dumps(payload), headers=setup.headers())

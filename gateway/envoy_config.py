@@ -251,19 +251,19 @@ def kubernetes_target(settings: Settings) -> EnvoyTarget:
 
 def _error_format(error_type: str, code: str, *, detail: bool) -> str:
     error = {"message": "%LOCAL_REPLY_BODY%", "type": error_type, "param": None, "code": code}
-    # The seed's routes answer with FastAPI's `detail` beside the error object, as the server
-    # does (server/service/json_api/seed.py).
+    # The legacy routes answer with FastAPI's `detail` beside the error object, as the server
+    # does (server/service/json_api/legacy.py).
     body = {"detail": "%LOCAL_REPLY_BODY%", "error": error} if detail else {"error": error}
     return json.dumps(body)
 
 
 def _local_reply_mappers(indent: str) -> str:
     """Mappers for the listed statuses, then one per class for the rest (the first match wins);
-    each first for the seed's paths (a body with `detail`), then for any other."""
+    each first for the legacy paths (a body with `detail`), then for any other."""
     lines = []
     filters = [("EQ", status, t, c) for status, t, c in _LOCAL_REPLY_TYPES]
     filters += [("GE", lowest, t, c) for lowest, t, c in _LOCAL_REPLY_CLASSES]
-    seed_paths = json.dumps(seed_path_regex())
+    legacy_paths = json.dumps(legacy_path_regex())
     for op, status, error_type, code in filters:
         comparison = [
             "status_code_filter:",
@@ -280,7 +280,7 @@ def _local_reply_mappers(indent: str) -> str:
             f"{indent}        - header_filter:",
             f"{indent}            header:",
             f'{indent}              name: ":path"',
-            f"{indent}              string_match: {{safe_regex: {{regex: {seed_paths}}}}}",
+            f"{indent}              string_match: {{safe_regex: {{regex: {legacy_paths}}}}}",
             f"{indent}  body_format_override:",
             f"{indent}    json_format: {_error_format(error_type, code, detail=True)}",
             f"{indent}- filter:",
@@ -322,10 +322,10 @@ def json_routes() -> tuple[str, ...]:
     return tuple(r.path for r in http_rules() if not r.prefix)
 
 
-def seed_path_regex() -> str:
-    """A regex of the seed's paths (the JSON routes outside /v1/), with any query string."""
-    seed_paths = [r.path for r in http_rules() if not r.prefix and not r.path.startswith("/v1/")]
-    return "^(" + "|".join(re.escape(p) for p in seed_paths) + r")(\?.*)?$"
+def legacy_path_regex() -> str:
+    """A regex of the legacy paths (the JSON routes outside /v1/), with any query string."""
+    legacy_paths = [r.path for r in http_rules() if not r.prefix and not r.path.startswith("/v1/")]
+    return "^(" + "|".join(re.escape(p) for p in legacy_paths) + r")(\?.*)?$"
 
 
 def _method_routes(indent: str) -> str:

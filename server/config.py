@@ -1,7 +1,7 @@
 """The models config file: which models to serve, where their weights come from, and their limits.
 
 The file is TOML with one `[[models]]` table per model; see config/default.toml for every key.
-Relative paths are taken from the current working directory, as the seed's `./model/...` were.
+Relative paths are taken from the current working directory, as the legacy API's `./model/...` were.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class ModelSpec:
 
     id: str
     kind: ModelKind
-    # Other names requests may give for this model (the seed's ids, say); listed by ListModels.
+    # Other names requests may give for this model (the legacy ids, say); listed by ListModels.
     aliases: tuple[str, ...] = ()
     # Where the weights come from: a local folder (used when it exists), a Hugging Face Hub id, or
     # an installed pip package that carries them (`package`, optionally a `subdir` inside it).

@@ -22,7 +22,7 @@ class Role(enum.StrEnum):
 
 
 class ModelKind(enum.StrEnum):
-    """What a model does; the values are the `object` strings of the seed's /models route."""
+    """What a model does; the values are the `object` strings of the legacy /models route."""
 
     CHAT = "chat.completion"
     EMBEDDING = "embedding"
@@ -73,7 +73,7 @@ class ChatMessage:
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How to pick each next token. The defaults are the seed's (temperature 0.7, top_p 1.0)."""
+    """How to pick each next token. Defaults are the legacy API's (temperature 0.7, top_p 1.0)."""
 
     temperature: float = 0.7
     top_p: float = 1.0
@@ -103,7 +103,7 @@ class ChatRequest:
     # then empty.
     prompt: str | None = None
     # A max_tokens beyond the model's limits caps the reply there instead of being refused (the
-    # seed's routes, as the seed did).
+    # legacy routes, as the legacy API did).
     cap_max_tokens: bool = False
 
 

@@ -52,7 +52,7 @@ class Settings:
     torch_threads: int = 0
     # Run one tiny request through each model before reporting SERVING.
     warmup: bool = True
-    # Where Envoy serves the JSON routes and passes gRPC through (`make run`): the seed's port.
+    # Where Envoy serves the JSON routes and passes gRPC through (`make run`): the legacy port.
     http_host: str = "127.0.0.1"
     http_port: int = 8100
     # Browser origins allowed by CORS, comma-separated (e.g. "https://app.example.com"); none by

@@ -49,7 +49,7 @@ class Model(ABC):
 
     @abstractmethod
     def tokenize(self, text: str, max_tokens: int) -> Tokenization:
-        """Split `text` the seed's way: ids with special prefix tokens, pieces without."""
+        """Split `text` the legacy API's way: ids with special prefix tokens, pieces without."""
 
     @abstractmethod
     def warmup(self) -> None:

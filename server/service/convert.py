@@ -106,7 +106,7 @@ def chat_request_from_proto(
     """Validate a ChatRequest and turn it into the domain request for `model_id`.
 
     With `prompt` (OpenAI's completions), the text is continued as it is and the request holds
-    no messages; `cap_max_tokens` caps a max_tokens beyond the model's limits (the seed's routes).
+    no messages; `cap_max_tokens` caps a max_tokens beyond the model's limits (the legacy routes).
     """
     messages: list[ChatMessage] = []
     if prompt is None:
@@ -309,7 +309,7 @@ def embed_texts_from_proto(
 
 
 def tokenize_max_tokens(request: pb.TokenizeRequest) -> int:
-    """The truncation length of a TokenizeRequest (the seed's 4096 when unset)."""
+    """The truncation length of a TokenizeRequest (the legacy API's 4096 when unset)."""
     if not request.HasField("max_tokens"):
         return DEFAULT_TOKENIZE_MAX_TOKENS
     if request.max_tokens < 1:

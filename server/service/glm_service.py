@@ -47,7 +47,7 @@ class GlmService(pb_grpc.GlmServiceServicer):
         (ChatEngine.generate). The JSON routes also use two options the typed API does not
         have: `prompt`, a text continued without the chat template (OpenAI's completions; the
         request then holds no messages), and `cap_max_tokens`, which makes a max_tokens beyond
-        the model's limits cap the reply instead of being refused (the seed's routes).
+        the model's limits cap the reply instead of being refused (the legacy routes).
         """
         model_id, engine = self._registry.chat(request.model)
         call = current_call()  # what the request log line and the metrics report

@@ -27,11 +27,11 @@ from glm.v1 import http_gateway_pb2_grpc as gw_grpc
 from server.errors import GlmError, InternalError, InvalidArgumentError
 from server.metrics import current_call
 from server.service.glm_service import GlmService
-from server.service.json_api import common, openai, seed
+from server.service.json_api import common, legacy, openai
 from server.service.json_api.common import (
     EVENT_STREAM,
+    LEGACY_SSE,
     OPENAI_SSE,
-    SEED_SSE,
     SSE_HEADERS,
     HttpReply,
     SseFraming,
@@ -53,14 +53,14 @@ Generate = Callable[[Callable[[], None]], AsyncGenerator[pb.ChatResponse, None]]
 
 @dataclass(frozen=True, slots=True)
 class Dialect:
-    """What differs between the seed's routes and OpenAI's around any reply: how events are
+    """What differs between the legacy routes and OpenAI's around any reply: how events are
     framed and how an error is answered."""
 
     sse: SseFraming
     error_reply: Callable[[GlmError], HttpReply]
 
 
-SEED = Dialect(SEED_SSE, seed.error_reply)
+LEGACY = Dialect(LEGACY_SSE, legacy.error_reply)
 OPENAI = Dialect(OPENAI_SSE, common.error_reply)
 
 
@@ -78,7 +78,7 @@ def _failed(error: GlmError) -> GlmError:
 
 
 class HttpGatewayService(gw_grpc.HttpGatewayServiceServicer):
-    """The seed's routes and OpenAI's routes over one GlmService."""
+    """The legacy routes and OpenAI's routes over one GlmService."""
 
     def __init__(self, service: GlmService, heartbeat_s: float = 0.0) -> None:
         self._service = service
@@ -205,58 +205,58 @@ class HttpGatewayService(gw_grpc.HttpGatewayServiceServicer):
             if responses is not None:
                 await responses.aclose()
 
-    # -- the seed's routes -----------------------------------------------------------------
+    # -- the legacy routes -----------------------------------------------------------------
 
-    async def SeedChat(self, request: HttpBody, context: Context) -> AsyncIterator[HttpBody]:
-        call: seed.SeedChat | None = None
-        stream = seed.SeedChatStream(deltas_only=True)
+    async def LegacyChat(self, request: HttpBody, context: Context) -> AsyncIterator[HttpBody]:
+        call: legacy.LegacyChat | None = None
+        stream = legacy.LegacyChatStream(deltas_only=True)
 
         def parse() -> tuple[Generate, bool]:
             nonlocal call, stream
             check_content_type(request.content_type, "/chat")
-            call = parsed(lambda: seed.chat_request(request.data))
-            stream = seed.SeedChatStream(deltas_only=call.request.chunk)
+            call = parsed(lambda: legacy.chat_request(request.data))
+            stream = legacy.LegacyChatStream(deltas_only=call.request.chunk)
             typed = call.request
 
             def generate(on_accepted: Callable[[], None]) -> AsyncGenerator[pb.ChatResponse, None]:
-                # A max_tokens beyond the model's limits caps the reply, as the seed did.
+                # A max_tokens beyond the model's limits caps the reply, as the legacy API did.
                 return self._service.chat(typed, on_accepted, cap_max_tokens=True)
 
             return generate, call.stream
 
         def whole(response: pb.ChatResponse) -> dict[str, Any]:
             assert call is not None
-            return seed.chat_completion(response, call)
+            return legacy.chat_completion(response, call)
 
         async with contextlib.aclosing(
-            self._chat(context, "/chat", parse, whole, lambda r: stream.events(r), SEED)
+            self._chat(context, "/chat", parse, whole, lambda r: stream.events(r), LEGACY)
         ) as replies:
             async for reply in replies:
                 yield reply
 
-    async def SeedEmbedding(self, request: HttpBody, context: Context) -> HttpBody:
+    async def LegacyEmbedding(self, request: HttpBody, context: Context) -> HttpBody:
         async def work() -> HttpReply:
             check_content_type(request.content_type, "/embedding")
-            typed = parsed(lambda: seed.embed_request(request.data))
+            typed = parsed(lambda: legacy.embed_request(request.data))
             response = await self._service.embed(typed)
-            return json_reply(seed.embedding(response))
+            return json_reply(legacy.embedding(response))
 
-        return await self._unary(context, "/embedding", work, SEED)
+        return await self._unary(context, "/embedding", work, LEGACY)
 
-    async def SeedTokenize(self, request: HttpBody, context: Context) -> HttpBody:
+    async def LegacyTokenize(self, request: HttpBody, context: Context) -> HttpBody:
         async def work() -> HttpReply:
             check_content_type(request.content_type, "/tokenize")
-            typed = parsed(lambda: seed.tokenize_request(request.data))
+            typed = parsed(lambda: legacy.tokenize_request(request.data))
             response = await self._service.tokenize(typed)
-            return json_reply(seed.tokenization(response))
+            return json_reply(legacy.tokenization(response))
 
-        return await self._unary(context, "/tokenize", work, SEED)
+        return await self._unary(context, "/tokenize", work, LEGACY)
 
-    async def SeedListModels(self, request: HttpBody, context: Context) -> HttpBody:
+    async def LegacyListModels(self, request: HttpBody, context: Context) -> HttpBody:
         async def work() -> HttpReply:
-            return json_reply(seed.model_list(await self._service.list_models()))
+            return json_reply(legacy.model_list(await self._service.list_models()))
 
-        return await self._unary(context, "/models", work, SEED)
+        return await self._unary(context, "/models", work, LEGACY)
 
     # -- OpenAI's routes ---------------------------------------------------------------------
 

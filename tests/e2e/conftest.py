@@ -22,7 +22,7 @@ ALLOWED_ORIGIN = "https://app.example.com"
 
 # The default models with room for exactly two generations and no waiting line, so that a third
 # concurrent request is refused (429) without loading anything bigger; they also answer to the
-# seed's model ids (aliases), so that the seed's README examples run as written.
+# legacy API's model ids (aliases), so that the legacy API's README examples run as written.
 E2E_CONFIG = """
 [[models]]
 id = "smollm2-135m-instruct"

@@ -24,7 +24,7 @@ LONG_STORY = {
 def error_of(status: int, content_type: str, body: bytes) -> dict[str, object]:
     assert content_type.startswith("application/json"), (status, content_type, body)
     payload = json.loads(body)
-    # The seed's routes put FastAPI's `detail` beside the error object.
+    # The legacy routes put FastAPI's `detail` beside the error object.
     assert set(payload) in ({"error"}, {"detail", "error"})
     error = payload["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -35,7 +35,7 @@ def error_of(status: int, content_type: str, body: bytes) -> dict[str, object]:
 @pytest.mark.parametrize(
     ("path", "body", "status", "code", "text"),
     [
-        # The seed's routes refuse what does not fit their request models with FastAPI's 422.
+        # The legacy routes refuse what does not fit their request models with FastAPI's 422.
         ("/chat", b'{"messages": []}', 422, "invalid_argument", "at least one message"),
         ("/chat", b"{not json", 422, "invalid_argument", "not valid JSON"),
         ("/chat", b"[1, 2]", 422, "invalid_argument", "must be a JSON object"),
@@ -130,7 +130,7 @@ def wait_until_chat_is_served(gateway: Gateway) -> None:
 
 
 def test_client_disconnect_stops_generation(gateway: Gateway) -> None:
-    marker = "HttpGatewayService/SeedChat CANCELLED"
+    marker = "HttpGatewayService/LegacyChat CANCELLED"
     before = gateway.log_text().count(marker)
     conn = http.client.HTTPConnection("127.0.0.1", gateway.http_port, timeout=120)
     conn.request("POST", "/chat", body=json.dumps(LONG_STORY))

@@ -49,12 +49,12 @@ def sse_chat(
 
 
 def sse_events(response: http.client.HTTPResponse) -> list[bytes]:
-    # The seed's routes end events with CRLF blank lines, OpenAI's with LF ones.
+    # The legacy routes end events with CRLF blank lines, OpenAI's with LF ones.
     return [e for e in re.split(rb"\r?\n\r?\n", response.read()) if e]
 
 
 def expected_status(path: str) -> int:
-    """What a request that cannot be parsed gets: FastAPI's 422 on the seed's routes."""
+    """What a request that cannot be parsed gets: FastAPI's 422 on the legacy routes."""
     return 400 if path.startswith("/v1/") else 422
 
 
@@ -278,7 +278,7 @@ def test_a_queued_sse_stream_gets_heartbeats_through_envoy(tmp_path: Path) -> No
             assert response.getheader("content-type") == "text/event-stream; charset=utf-8"
             # Queued behind the story: only comments arrive, and Envoy passes them on at once.
             received = b""
-            beat = b": keep-alive\r\n\r\n"  # framed as the seed's events
+            beat = b": keep-alive\r\n\r\n"  # framed as the legacy routes' events
             while received.count(beat) < 3:
                 chunk = response.read1(65536)
                 assert chunk, received  # the stream must not end before

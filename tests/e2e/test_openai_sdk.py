@@ -100,7 +100,7 @@ def test_embeddings_float_and_base64_agree(client: openai.OpenAI) -> None:
 
 def test_models(client: openai.OpenAI) -> None:
     models = client.models.list()
-    # Each model under its id, then its aliases (the e2e config gives the seed's ids).
+    # Each model under its id, then its aliases (the e2e config gives the legacy ids).
     assert [m.id for m in models.data] == [
         CHAT_MODEL,
         "chatglm3-6b-32k",

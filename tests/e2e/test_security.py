@@ -170,7 +170,7 @@ def test_openai_sdk_with_a_good_key(secure: Secure) -> None:
         assert text
         embeddings = client.embeddings.create(model=EMBED_MODEL, input=["hello", "world"])
         assert len(embeddings.data) == 2
-        # The e2e models also answer to the seed's ids, which the list names too.
+        # The e2e models also answer to the legacy ids, which the list names too.
         assert {CHAT_MODEL, EMBED_MODEL} <= {m.id for m in client.models.list()}
 
 
@@ -195,7 +195,7 @@ def test_no_authorization_header_at_all_is_401(secure: Secure) -> None:
     assert headers["content-type"] == "application/json"
     assert headers["www-authenticate"].startswith("Bearer")
     assert json.loads(body)["error"]["code"] == "invalid_api_key"
-    # The seed's routes too, and x-api-key works as well as a bearer token.
+    # The legacy routes too, and x-api-key works as well as a bearer token.
     status, _, _ = secure.request("POST", "/tokenize", b'{"prompt": "hi"}')
     assert status == 401
     status, _, body = secure.request(

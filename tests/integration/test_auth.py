@@ -158,7 +158,7 @@ async def json_call(
     request = HttpBody(content_type="application/json", data=json.dumps(body).encode())
     method = getattr(gateway, route)
     call = method(request, metadata=metadata)
-    if route in ("SeedChat", "OpenAiChatCompletions"):
+    if route in ("LegacyChat", "OpenAiChatCompletions"):
         data = b"".join([reply.data async for reply in call])
     else:
         data = (await call).data
@@ -190,10 +190,10 @@ async def test_the_json_routes_answer_401_with_openais_error(
     gateway: gw_grpc.HttpGatewayServiceStub, keys: Keys
 ) -> None:
     routes = {
-        "SeedTokenize": {"prompt": "hi"},
-        "SeedEmbedding": {"prompt": ["hi"]},
-        "SeedListModels": {},
-        "SeedChat": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        "LegacyTokenize": {"prompt": "hi"},
+        "LegacyEmbedding": {"prompt": ["hi"]},
+        "LegacyListModels": {},
+        "LegacyChat": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
         "OpenAiChatCompletions": {"messages": [{"role": "user", "content": "hi"}]},
         "OpenAiEmbeddings": {"input": "hi"},
         "OpenAiListModels": {},
@@ -206,7 +206,7 @@ async def test_the_json_routes_answer_401_with_openais_error(
             assert payload["error"]["code"] == "invalid_api_key"
             assert payload["error"]["type"] == "invalid_request_error"
     status, _, payload = await json_call(
-        gateway, "SeedTokenize", {"prompt": "hi"}, keys.bearer(keys.full)
+        gateway, "LegacyTokenize", {"prompt": "hi"}, keys.bearer(keys.full)
     )
     assert status == 200
     assert payload["tokens"]
@@ -259,7 +259,7 @@ async def test_a_model_outside_the_keys_list_is_permission_denied(
     )
     assert tokens.model == EMBED_MODEL
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    for route in ("SeedChat", "OpenAiChatCompletions"):
+    for route in ("LegacyChat", "OpenAiChatCompletions"):
         status, _, payload = await json_call(gateway, route, chat, metadata)
         assert status == 403, route
         assert payload["error"]["code"] == "permission_denied"
@@ -301,9 +301,9 @@ async def test_a_request_limit_refuses_then_serves_again_after_the_window(
     await asyncio.sleep(WINDOW_S)
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True}
     replies = await asyncio.gather(
-        *(json_call(gateway, "SeedTokenize", {"prompt": "a"}, metadata) for _ in range(2)),
+        *(json_call(gateway, "LegacyTokenize", {"prompt": "a"}, metadata) for _ in range(2)),
         json_call(gateway, "OpenAiChatCompletions", chat, metadata),
-        json_call(gateway, "SeedTokenize", {"prompt": "a"}, metadata),
+        json_call(gateway, "LegacyTokenize", {"prompt": "a"}, metadata),
     )
     assert sorted(status for status, _, _ in replies) == [200, 200, 429, 429]
     for status, headers, payload in replies:
@@ -318,7 +318,7 @@ async def test_a_request_limit_refuses_then_serves_again_after_the_window(
             assert "retry-after" not in headers
             assert "tokens" in payload or "[DONE]" in payload["sse"]
     await asyncio.sleep(max(int(h["retry-after"]) for s, h, _ in replies if s == 429))
-    status, _, _ = await json_call(gateway, "SeedTokenize", {"prompt": "a"}, metadata)
+    status, _, _ = await json_call(gateway, "LegacyTokenize", {"prompt": "a"}, metadata)
     assert status == 200
 
 
@@ -334,7 +334,7 @@ async def test_a_token_limit_counts_what_calls_used(
         await stub.Embed(pb.EmbedRequest(prompt=["a"]), metadata=metadata)
     assert limited.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "20 tokens per" in (limited.value.details() or "")
-    status, headers, _ = await json_call(gateway, "SeedEmbedding", {"prompt": ["a"]}, metadata)
+    status, headers, _ = await json_call(gateway, "LegacyEmbedding", {"prompt": ["a"]}, metadata)
     assert status == 429
     assert headers["x-ratelimit-limit-tokens"] == "20"
     assert headers["x-ratelimit-remaining-tokens"] == "0"

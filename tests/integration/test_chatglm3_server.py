@@ -107,7 +107,7 @@ async def test_chat_streams_and_finishes(served: Served) -> None:
     assert whole[0].choices[0].message.content == text
 
 
-async def test_tokenize_keeps_the_seeds_semantics(served: Served) -> None:
+async def test_tokenize_keeps_the_legacy_semantics(served: Served) -> None:
     text = "给你一个机会，你会想逃离你所在的虚拟世界吗？"
     response = await served.stub.Tokenize(pb.TokenizeRequest(prompt=text))  # default chat model
     assert response.model == "chatglm3-6b-32k"
@@ -128,7 +128,7 @@ async def test_embed_equals_masked_mean_pooling(served: Served) -> None:
     assert response.dimensions == 32
 
 
-def test_the_chatglm3_profile_lists_the_seeds_models() -> None:
+def test_the_chatglm3_profile_lists_the_legacy_models() -> None:
     specs = {s.id: s for s in load_model_specs(PROJECT / "config" / "chatglm3.toml")}
     assert list(specs) == [
         "chatglm3-6b-32k",

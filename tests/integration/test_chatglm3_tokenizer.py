@@ -174,7 +174,7 @@ def test_pieces_and_encode_agree(tok: ChatGLM3Tokenizer) -> None:
     text = "给你一个机会，你会想逃离你所在的虚拟世界吗？"
     pieces = tok.pieces(text)
     assert len(pieces) == len(tok.encode(text))
-    assert pieces[0].startswith("▁")  # SentencePiece's dummy prefix, as in the seed's example
+    assert pieces[0].startswith("▁")  # SentencePiece's dummy prefix, as in the legacy example
     assert "".join(pieces).replace("▁", " ").strip() == text
     assert tok.decode(tok.encode(text)) == text
 
@@ -247,7 +247,7 @@ def test_echoed_tool_call_goes_back_with_the_name_as_metadata(tiny_model: Any) -
     )
 
 
-def test_tokenize_keeps_the_seeds_semantics(tiny_model: Any) -> None:
+def test_tokenize_keeps_the_legacy_semantics(tiny_model: Any) -> None:
     tok: ChatGLM3Tokenizer = tiny_model.tokenizer
     text = "给你一个机会，你会想逃离你所在的虚拟世界吗？"
     result = tiny_model.tokenize(text, 4096)

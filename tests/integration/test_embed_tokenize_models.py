@@ -91,7 +91,7 @@ async def test_concurrent_embeds_share_forward_passes(
     np.testing.assert_allclose(got, alone, atol=DEFAULT_EMBED_ATOL)
 
 
-async def test_tokenize_seed_semantics(stub: pb_grpc.GlmServiceStub) -> None:
+async def test_tokenize_legacy_semantics(stub: pb_grpc.GlmServiceStub) -> None:
     response = await stub.Tokenize(pb.TokenizeRequest(prompt="Hello world"))
     assert response.model == "smollm2-135m-instruct"
     assert response.object == "tokenizer"
@@ -117,7 +117,7 @@ async def test_tokenize_truncates_to_max_tokens(stub: pb_grpc.GlmServiceStub) ->
     )
     assert len(response.token_ids) == 3
     assert response.truncated
-    # The pieces are cut to max_tokens too (the seed sent them all, however long the text).
+    # The pieces are cut to max_tokens too (the legacy API sent them all, however long the text).
     assert len(response.tokens) == 3
 
 

@@ -108,7 +108,7 @@ async def test_json_routes_quote_values_cut_short(channel: grpc.aio.Channel) -> 
     assert f"roles are at most {MAX_ROLE_CHARS}" in error["message"]
     # An unknown key quoted by protobuf's JSON parser: the whole message is cut.
     body = {"k" * 100_000: 1}
-    replies = [r async for r in gateway.SeedChat(HttpBody(data=json.dumps(body).encode()))]
+    replies = [r async for r in gateway.LegacyChat(HttpBody(data=json.dumps(body).encode()))]
     error = json.loads(replies[0].data)["error"]
     assert error["code"] == "invalid_argument"
     assert len(error["message"]) <= MESSAGE_MAX_CHARS + 50
@@ -241,7 +241,7 @@ async def test_long_embedding_prompts_reach_their_pass_cut_short(
 
 async def test_list_models_publishes_max_input_chars(channel: grpc.aio.Channel) -> None:
     gateway = gw_grpc.HttpGatewayServiceStub(channel)
-    reply = await gateway.SeedListModels(HttpBody())
+    reply = await gateway.LegacyListModels(HttpBody())
     models = json.loads(reply.data)["data"]
     assert {m["id"]: m["max_input_chars"] for m in models} == {
         CHAT_MODEL: DEFAULT_MAX_INPUT_CHARS,
@@ -282,8 +282,12 @@ async def test_undecodable_request_bytes_are_invalid_argument(channel: grpc.aio.
     [
         ("OpenAiEmbeddings", b"[" * 100_000, "too deeply"),
         ("OpenAiChatCompletions", b'{"messages": ' + b"[" * 100_000, "too deeply"),
-        ("SeedChat", b'{"messages": ' + b"[" * 100_000, "too deeply"),
-        ("SeedTokenize", b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", "too many digits"),
+        ("LegacyChat", b'{"messages": ' + b"[" * 100_000, "too deeply"),
+        (
+            "LegacyTokenize",
+            b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}",
+            "too many digits",
+        ),
         ("OpenAiEmbeddings", b'{"input": "x", "dimensions": ' + b"9" * 5000 + b"}", "too many"),
         ("OpenAiChatCompletions", b'{"messages": [], "max_tokens": ' + b"9" * 400 + b"}", "range"),
         ("OpenAiChatCompletions", b'{"messages": [], "temperature": ' + b"9" * 400 + b"}", "float"),
@@ -293,9 +297,9 @@ async def test_undecodable_request_bytes_are_invalid_argument(channel: grpc.aio.
             b'{"messages": [{"role": "user", "content": "\\udc00"}]}',
             "lone UTF-16 surrogate",
         ),
-        ("SeedEmbedding", b'{"prompt": ["\\ud800"]}', "lone UTF-16 surrogate"),
-        ("SeedChat", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "surrogate"),
-        ("SeedTokenize", b'{"prompt": "\\ud800"}', "lone UTF-16 surrogate"),
+        ("LegacyEmbedding", b'{"prompt": ["\\ud800"]}', "lone UTF-16 surrogate"),
+        ("LegacyChat", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "surrogate"),
+        ("LegacyTokenize", b'{"prompt": "\\ud800"}', "lone UTF-16 surrogate"),
     ],
 )
 async def test_hostile_json_is_a_400(
@@ -303,24 +307,24 @@ async def test_hostile_json_is_a_400(
 ) -> None:
     gateway = gw_grpc.HttpGatewayServiceStub(channel)
     call = getattr(gateway, method)(HttpBody(content_type="application/json", data=body))
-    if method in ("SeedChat", "OpenAiChatCompletions"):
+    if method in ("LegacyChat", "OpenAiChatCompletions"):
         replies = [r async for r in call]
     else:
         replies = [await call]
-    # The seed's routes answer what FastAPI could not parse with 422 and a `detail` list.
-    seed = method.startswith("Seed")
-    assert dict(await call.initial_metadata()).get(STATUS_HEADER) == ("422" if seed else "400")
+    # The legacy routes answer what FastAPI could not parse with 422 and a `detail` list.
+    legacy = method.startswith("Legacy")
+    assert dict(await call.initial_metadata()).get(STATUS_HEADER) == ("422" if legacy else "400")
     reply = json.loads(replies[0].data)
     error = reply["error"]
     assert error["code"] == "invalid_argument"
     assert text in error["message"]
-    if seed:
+    if legacy:
         assert text in reply["detail"][0]["msg"]
 
 
 async def test_a_surrogate_pair_is_text(channel: grpc.aio.Channel) -> None:
     gateway = gw_grpc.HttpGatewayServiceStub(channel)
-    reply = await gateway.SeedTokenize(HttpBody(data=b'{"prompt": "\\ud83d\\ude00"}'))
+    reply = await gateway.LegacyTokenize(HttpBody(data=b'{"prompt": "\\ud83d\\ude00"}'))
     assert json.loads(reply.data)["tokenIds"]
 
 
@@ -331,13 +335,13 @@ async def test_json_routes_refuse_grpc_content_types(
     channel: grpc.aio.Channel, content_type: str
 ) -> None:
     gateway = gw_grpc.HttpGatewayServiceStub(channel)
-    call = gateway.SeedTokenize(HttpBody(content_type=content_type, data=b'{"prompt": "hi"}'))
+    call = gateway.LegacyTokenize(HttpBody(content_type=content_type, data=b'{"prompt": "hi"}'))
     reply = await call
     assert dict(await call.initial_metadata()).get(STATUS_HEADER) == "415"
     error = json.loads(reply.data)["error"]
     assert "/tokenize takes a JSON body (Content-Type: application/json)" in error["message"]
-    # Any other content type is read as JSON, as the seed did (curl -d sends a form type).
-    reply = await gateway.SeedTokenize(
+    # Any other content type is read as JSON, as the legacy API did (curl -d sends a form type).
+    reply = await gateway.LegacyTokenize(
         HttpBody(content_type="application/x-www-form-urlencoded", data=b'{"prompt": "hi"}')
     )
     assert json.loads(reply.data)["tokenIds"]

@@ -1,5 +1,5 @@
-"""A real server's JSON routes where the seed's and OpenAI's behaviours part: max_tokens above the
-model's limit (capped on the seed's /chat, refused on /v1) and model aliases (every route and
+"""A real server's JSON routes where the legacy and OpenAI behaviours part: max_tokens above the
+model's limit (capped on the legacy /chat, refused on /v1) and model aliases (every route and
 ListModels)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from glm.v1 import http_gateway_pb2_grpc as gw_grpc
 from server.app import GlmApp
 from server.domain import ModelKind
 from server.service.http_gateway import STATUS_HEADER
-from server.service.json_api.common import SEED_SSE
+from server.service.json_api.common import LEGACY_SSE
 from tests.conftest import default_specs, make_settings
 
 CHAT_MODEL = "smollm2-135m-instruct"
@@ -31,7 +31,7 @@ QUESTION = [{"role": "user", "content": "Tell me a story."}]
 
 @pytest.fixture(scope="module")
 async def app() -> AsyncIterator[GlmApp]:
-    """The chat model alone, answering to the seed's id too, with a tiny max_new_tokens."""
+    """The chat model alone, answering to the legacy id too, with a tiny max_new_tokens."""
     specs = tuple(
         dataclasses.replace(s, aliases=(ALIAS,), max_new_tokens=MAX_NEW_TOKENS)
         for s in default_specs()
@@ -61,17 +61,17 @@ async def call_route(
     return dict(await call.initial_metadata()).get(STATUS_HEADER, "200"), data
 
 
-async def test_the_seed_caps_max_tokens_above_the_limit(channel: grpc.aio.Channel) -> None:
+async def test_the_legacy_chat_caps_max_tokens_above_the_limit(channel: grpc.aio.Channel) -> None:
     body = {"messages": QUESTION, "max_tokens": 4096, "temperature": 0}
-    status, data = await call_route(channel, "SeedChat", body)
+    status, data = await call_route(channel, "LegacyChat", body)
     assert status == "200", data
     reply = json.loads(data)
     assert reply["choices"][0]["finish_reason"] == "length"
     assert reply["usage"]["completion_tokens"] == MAX_NEW_TOKENS
     # Streamed: the text is all on the chunks before the finish chunk, whose delta is empty.
-    status, data = await call_route(channel, "SeedChat", dict(body, stream=True))
+    status, data = await call_route(channel, "LegacyChat", dict(body, stream=True))
     assert status == "200"
-    events = [json.loads(e.removeprefix(b"data: ")) for e in data.split(SEED_SSE.end)[:-2]]
+    events = [json.loads(e.removeprefix(b"data: ")) for e in data.split(LEGACY_SSE.end)[:-2]]
     assert events[-1]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "length"}
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
     assert text == reply["choices"][0]["message"]["content"]
@@ -89,13 +89,13 @@ async def test_an_alias_names_the_model_everywhere(channel: grpc.aio.Channel) ->
     listed = await pb_grpc.GlmServiceStub(channel).ListModels(pb.ListModelsRequest())
     assert [list(m.aliases) for m in listed.data] == [[ALIAS]]
     status, data = await call_route(
-        channel, "SeedChat", {"model": ALIAS, "messages": QUESTION, "max_tokens": 1}
+        channel, "LegacyChat", {"model": ALIAS, "messages": QUESTION, "max_tokens": 1}
     )
     assert status == "200", data
     assert json.loads(data)["model"] == CHAT_MODEL  # replies name the model by its id
     gateway = gw_grpc.HttpGatewayServiceStub(channel)
-    seed_models = json.loads((await gateway.SeedListModels(HttpBody())).data)
-    assert seed_models["data"][0]["aliases"] == [ALIAS]
+    legacy_models = json.loads((await gateway.LegacyListModels(HttpBody())).data)
+    assert legacy_models["data"][0]["aliases"] == [ALIAS]
     openai_models = json.loads((await gateway.OpenAiListModels(HttpBody())).data)
     assert [m["id"] for m in openai_models["data"]] == [CHAT_MODEL, ALIAS]
     retrieved = await gateway.OpenAiRetrieveModel(gw_pb.OpenAiRetrieveModelRequest(model=ALIAS))

@@ -23,7 +23,7 @@ from server.app import GlmApp
 from server.domain import ModelKind
 from server.engine.chat import ChatEngine
 from server.service.http_gateway import STATUS_HEADER
-from server.service.json_api.common import EVENT_STREAM, OPENAI_SSE, SEED_SSE, SseFraming
+from server.service.json_api.common import EVENT_STREAM, LEGACY_SSE, OPENAI_SSE, SseFraming
 from tests.conftest import default_specs, engine_idle, make_settings
 
 LONG = pb.ChatRequest(
@@ -66,13 +66,13 @@ async def occupy_the_slot(channel: grpc.aio.Channel) -> Any:
     return call
 
 
-@pytest.mark.parametrize("method", ["SeedChat", "OpenAiChatCompletions"])
+@pytest.mark.parametrize("method", ["LegacyChat", "OpenAiChatCompletions"])
 async def test_a_queued_stream_sends_heartbeats_then_its_events(
     channel: grpc.aio.Channel, one_slot_app: GlmApp, method: str
 ) -> None:
     first = await occupy_the_slot(channel)
     body = dict(SHORT, stream=True)
-    sse: SseFraming = SEED_SSE if method == "SeedChat" else OPENAI_SSE
+    sse: SseFraming = LEGACY_SSE if method == "LegacyChat" else OPENAI_SSE
     call = getattr(gw_grpc.HttpGatewayServiceStub(channel), method)(
         HttpBody(content_type="application/json", data=json.dumps(body).encode())
     )
@@ -115,11 +115,11 @@ async def test_a_client_leaving_while_queued_gives_its_place_back(
 ) -> None:
     first = await occupy_the_slot(channel)
     try:
-        call = gw_grpc.HttpGatewayServiceStub(channel).SeedChat(
+        call = gw_grpc.HttpGatewayServiceStub(channel).LegacyChat(
             HttpBody(data=json.dumps(dict(SHORT, stream=True)).encode())
         )
         replies = call.__aiter__()
-        assert (await anext(replies)).data == SEED_SSE.heartbeat
+        assert (await anext(replies)).data == LEGACY_SSE.heartbeat
         assert engine(one_slot_app).stats.waiting == 1
         call.cancel()
         for _ in range(6000):  # a minute at most; the server sees the cancellation at once

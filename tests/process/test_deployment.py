@@ -194,6 +194,27 @@ def test_dockerfile_environment_port_and_command(dockerfile: list[Instruction]) 
     assert json.loads(only(dockerfile, "CMD").args) == ["python", "-m", "server"]
 
 
+def test_dockerfile_installs_the_project_as_a_package(dockerfile: list[Instruction]) -> None:
+    # Imports resolve through the installed project, as after `make setup`, not a PYTHONPATH.
+    assert "PYTHONPATH" not in image_env(dockerfile)
+    installs = [
+        ins
+        for ins in dockerfile
+        if ins.keyword == "RUN" and re.search(r"\bpip install --no-deps -e \.(\s|$)", ins.args)
+    ]
+    assert len(installs) == 1, "the image does not pip install the project (-e .)"
+    install = installs[0]
+    # Its metadata and every folder its packages come from are in place before the install.
+    copied = set()
+    for ins in dockerfile:
+        if ins.keyword == "COPY" and ins.line < install.line:
+            _, rest = options_and_rest(ins.args + " ")
+            copied.update(source.rstrip("/") for source in shlex.split(rest)[:-1])
+    assert {"pyproject.toml", "README.md", *APP_PACKAGES} <= copied
+    # As root: site-packages is not the server's to write.
+    assert install.line < next(ins for ins in dockerfile if ins.keyword == "USER").line
+
+
 def test_dockerfile_healthcheck_options(dockerfile: list[Instruction]) -> None:
     options, command = options_and_rest(only(dockerfile, "HEALTHCHECK").args)
     assert command.startswith("CMD python -m clients ")
@@ -294,7 +315,8 @@ def test_dockerignore_keeps_the_context_small_but_complete() -> None:
     for built in ("clients/typescript/node_modules", "clients/cpp/build", "clients/go/glmv1"):
         assert ignored(built, patterns), f"{built} is sent to the build context"
     # Everything the Dockerfile copies reaches the build: every tracked file of those folders.
-    for kept in ("requirements.txt", "requirements-models.txt", "gen/glm_v1.binpb"):
+    kept_files = ("requirements.txt", "requirements-models.txt", "pyproject.toml", "README.md")
+    for kept in (*kept_files, "gen/glm_v1.binpb"):
         assert not ignored(kept, patterns), kept
     listing = ["git", "ls-files", "--", *APP_PACKAGES]
     tracked = subprocess.run(listing, cwd=ROOT, capture_output=True, text=True, check=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from gateway.envoy_config import json_routes, render, seed_path_regex, target_from_settings
+from gateway.envoy_config import json_routes, legacy_path_regex, render, target_from_settings
 from server.service.json_api.common import GRPC_ON_JSON_ROUTE
 from server.settings import Settings
 
@@ -36,18 +36,18 @@ def test_json_routes_are_the_gateway_services_http_rules() -> None:
 
 
 def status_filter(mapper: dict[str, Any]) -> tuple[str, int, bool]:
-    """A mapper's status comparison, and whether it applies to the seed's paths only."""
+    """A mapper's status comparison, and whether it applies to the legacy paths only."""
     found = mapper["filter"]
-    seed_only = "and_filter" in found
-    if seed_only:
+    legacy_only = "and_filter" in found
+    if legacy_only:
         [found, path] = found["and_filter"]["filters"]
         assert path["header_filter"]["header"]["name"] == ":path"
     comparison = found["status_code_filter"]["comparison"]
-    return comparison["op"], comparison["value"]["default_value"], seed_only
+    return comparison["op"], comparison["value"]["default_value"], legacy_only
 
 
-def test_the_seed_paths_regex_matches_them_alone() -> None:
-    regex = re.compile(seed_path_regex())
+def test_the_legacy_paths_regex_matches_them_alone() -> None:
+    regex = re.compile(legacy_path_regex())
     for path in ("/chat", "/embedding", "/tokenize", "/models", "/models?x=1"):
         assert regex.match(path), path
     for path in ("/v1/models", "/v1/chat/completions", "/chatty", "/x/chat"):
@@ -86,24 +86,24 @@ def test_every_local_reply_gets_the_json_error_shape() -> None:
     # HTTP/1.0 (426), header floods and huge URLs (431), unknown transfer encodings (501).
     assert {400, 404, 405, 413, 426, 431, 501, 502, 503} <= exact
     # Whatever else Envoy answers itself: by class, after the exact ones (the first match wins);
-    # each first for the seed's paths, then for the others.
+    # each first for the legacy paths, then for the others.
     assert filters[-4:] == [
         ("GE", 500, True),
         ("GE", 500, False),
         ("GE", 400, True),
         ("GE", 400, False),
     ]
-    for mapper, (_, _, seed_only) in zip(mappers, filters, strict=True):
+    for mapper, (_, _, legacy_only) in zip(mappers, filters, strict=True):
         body = mapper["body_format_override"]["json_format"]
         error = body["error"]
         assert set(error) == {"message", "type", "param", "code"}
         assert error["message"] == "%LOCAL_REPLY_BODY%"
-        # The seed's clients read FastAPI's `detail`; the others get the error object alone.
-        assert set(body) == ({"detail", "error"} if seed_only else {"error"})
+        # The legacy API's clients read FastAPI's `detail`; the others get the error object alone.
+        assert set(body) == ({"detail", "error"} if legacy_only else {"error"})
     codes = {
         status: m["body_format_override"]["json_format"]["error"]["code"]
-        for m, (op, status, seed_only) in zip(mappers, filters, strict=True)
-        if op == "EQ" and not seed_only
+        for m, (op, status, legacy_only) in zip(mappers, filters, strict=True)
+        if op == "EQ" and not legacy_only
     }
     assert codes[426] == "failed_precondition"
     assert codes[431] == "resource_exhausted"

@@ -21,7 +21,7 @@ from glm.v1 import glm_service_pb2_grpc as pb_grpc
 from glm.v1 import http_gateway_pb2_grpc as gw_grpc
 from server.errors import InvalidArgumentError, ResourceExhaustedError
 from server.service.http_gateway import STATUS_HEADER, HttpGatewayService
-from server.service.json_api.common import EVENT_STREAM, SEED_SSE
+from server.service.json_api.common import EVENT_STREAM, LEGACY_SSE
 from server.transport.grpc_server import Health, build_server
 
 
@@ -112,10 +112,10 @@ async def read_all(call: Any) -> tuple[str | None, list[HttpBody]]:
 async def test_stream_is_framed_as_events_ending_in_done(
     stub: gw_grpc.HttpGatewayServiceStub,
 ) -> None:
-    status, replies = await read_all(stub.SeedChat(body("ok", stream=True)))
+    status, replies = await read_all(stub.LegacyChat(body("ok", stream=True)))
     assert status == "200"
     assert replies[0].content_type == EVENT_STREAM == "text/event-stream; charset=utf-8"
-    # The seed's framing: each event ends with a CRLF blank line.
+    # The legacy framing: each event ends with a CRLF blank line.
     events = b"".join(r.data for r in replies).split(b"\r\n\r\n")
     assert events[-2:] == [b"data: [DONE]", b""]
     first = json.loads(events[0].removeprefix(b"data: "))
@@ -126,7 +126,7 @@ async def test_stream_is_framed_as_events_ending_in_done(
 async def test_refusal_before_the_first_byte_gets_its_status(
     stub: gw_grpc.HttpGatewayServiceStub,
 ) -> None:
-    status, replies = await read_all(stub.SeedChat(body("busy", stream=True)))
+    status, replies = await read_all(stub.LegacyChat(body("busy", stream=True)))
     assert status == "429"
     assert len(replies) == 1
     assert replies[0].content_type == "application/json"
@@ -150,7 +150,7 @@ async def test_errors_mid_stream_arrive_in_band(
     assert b"[DONE]" not in b"".join(events)  # a failed stream does not claim completion
 
 
-async def test_tool_calls_in_openai_and_seed_shapes(stub: gw_grpc.HttpGatewayServiceStub) -> None:
+async def test_tool_calls_in_openai_and_legacy_shapes(stub: gw_grpc.HttpGatewayServiceStub) -> None:
     _, replies = await read_all(stub.OpenAiChatCompletions(body("tool", stream=True)))
     events = [e for e in b"".join(r.data for r in replies).split(b"\n\n") if e]
     # The last chunk before [DONE] has the finish_reason and an empty delta; the call comes before.
@@ -165,32 +165,32 @@ async def test_tool_calls_in_openai_and_seed_shapes(stub: gw_grpc.HttpGatewaySer
     assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
     assert call["id"].startswith("call_")
 
-    _, replies = await read_all(stub.SeedChat(body("tool", stream=True)))
+    _, replies = await read_all(stub.LegacyChat(body("tool", stream=True)))
     events = [e for e in b"".join(r.data for r in replies).split(b"\r\n\r\n") if e]
-    seed_last = json.loads(events[-2].removeprefix(b"data: "))["choices"][0]
-    assert seed_last == {"index": 0, "delta": {}, "finish_reason": "function_call"}
-    seed_call = json.loads(events[-3].removeprefix(b"data: "))["choices"][0]
-    assert seed_call["delta"]["function_call"]["name"] == "get_weather"
+    legacy_last = json.loads(events[-2].removeprefix(b"data: "))["choices"][0]
+    assert legacy_last == {"index": 0, "delta": {}, "finish_reason": "function_call"}
+    legacy_call = json.loads(events[-3].removeprefix(b"data: "))["choices"][0]
+    assert legacy_call["delta"]["function_call"]["name"] == "get_weather"
 
 
 async def test_a_queued_stream_that_fails_reports_it(
     stub: gw_grpc.HttpGatewayServiceStub, service: ScriptedService, heartbeat_s: float
 ) -> None:
-    call = stub.SeedChat(body("queued-then-fail", stream=True))
+    call = stub.LegacyChat(body("queued-then-fail", stream=True))
     replies = call.__aiter__()
     if heartbeat_s:
         # Waiting: the 200 and comments are out, so the error can only arrive in-band.
         for _ in range(2):
-            assert (await anext(replies)).data == SEED_SSE.heartbeat
+            assert (await anext(replies)).data == LEGACY_SSE.heartbeat
         assert dict(await call.initial_metadata()).get(STATUS_HEADER) == "200"
     service.release.set()
     rest = [r.data async for r in replies]
-    events = [e for e in rest if e != SEED_SSE.heartbeat]
+    events = [e for e in rest if e != LEGACY_SSE.heartbeat]
     assert len(events) == 1
     if heartbeat_s:
-        events[0] = events[0].removeprefix(b"data: ").removesuffix(SEED_SSE.end)
+        events[0] = events[0].removeprefix(b"data: ").removesuffix(LEGACY_SSE.end)
     else:  # nothing was sent before: the error has its own status
-        # The seed's routes answer a refused request as FastAPI's validation did: 422.
+        # The legacy routes answer a refused request as FastAPI's validation did: 422.
         assert dict(await call.initial_metadata()).get(STATUS_HEADER) == "422"
         assert json.loads(events[0])["detail"][0]["msg"] == "failed while queued"
     error = json.loads(events[0])["error"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from glm.v1 import glm_service_pb2 as pb
-from server.service.json_api import openai, seed
+from server.service.json_api import legacy, openai
 from server.service.json_api.common import _MARK, FloatList, dumps
 
 
@@ -87,7 +87,7 @@ def response(rows: int) -> pb.EmbedResponse:
 @pytest.mark.parametrize("rows", [0, 1, 3])
 def test_both_embedding_routes_render_as_before(rows: int) -> None:
     for payload in (
-        seed.embedding(response(rows)),
+        legacy.embedding(response(rows)),
         openai.embeddings(response(rows), "float"),
         openai.embeddings(response(rows), "base64"),
     ):

@@ -1,4 +1,4 @@
-"""The /v1 and seed renderings of a tool call, read back by the official openai SDK's own parsing.
+"""The /v1 and legacy renderings of a tool call, read back by the official openai SDK's own parsing.
 
 The replies are rendered by the JSON dialects from typed responses as the service produces them
 (a role chunk, then the call with its finish_reason), and served to the SDK by an httpx mock
@@ -16,8 +16,8 @@ import openai
 import pytest
 
 from glm.v1 import glm_service_pb2 as pb
+from server.service.json_api import legacy
 from server.service.json_api import openai as openai_api
-from server.service.json_api import seed
 from server.service.json_api.common import OPENAI_SSE
 
 CALL = pb.FunctionCall(name="get_weather", arguments='{"city": "北京", "days": 2}')
@@ -110,7 +110,7 @@ def test_a_streamed_tool_call_as_the_sdk_accumulates_it(include_usage: bool) -> 
         assert chunks[-1].choices == []
 
 
-def seed_call(return_function_call: bool) -> seed.SeedChat:
+def legacy_call(return_function_call: bool) -> legacy.LegacyChat:
     body = {
         "messages": [
             {"role": "system", "content": "Answer.", "tools": [TOOLS[0]["function"]]},
@@ -119,15 +119,15 @@ def seed_call(return_function_call: bool) -> seed.SeedChat:
         "return_function_call": return_function_call,
         "some_other_key": 1,
     }
-    return seed.chat_request(json.dumps(body).encode())
+    return legacy.chat_request(json.dumps(body).encode())
 
 
-def test_the_seed_s_return_function_call() -> None:
-    parsed = seed_call(return_function_call=True)
+def test_the_legacy_return_function_call() -> None:
+    parsed = legacy_call(return_function_call=True)
     assert [t.function.name for t in parsed.request.tools] == ["get_weather"]
-    whole = seed.chat_completion(responses(False)[0], parsed)
+    whole = legacy.chat_completion(responses(False)[0], parsed)
     choice = whole["choices"][0]
-    # The seed's shape: the content is the call as JSON, history the conversation to send back.
+    # The legacy shape: the content is the call as JSON, history the conversation to send back.
     assert json.loads(choice["message"]["content"]) == {
         "name": "get_weather",
         "parameters": {"city": "北京", "days": 2},
@@ -142,7 +142,7 @@ def test_the_seed_s_return_function_call() -> None:
 
 
 def test_without_return_function_call_the_reply_is_chatglm3_s_text() -> None:
-    whole = seed.chat_completion(responses(False)[0], seed_call(return_function_call=False))
+    whole = legacy.chat_completion(responses(False)[0], legacy_call(return_function_call=False))
     choice = whole["choices"][0]
     assert choice["history"] is None
     assert choice["message"]["content"].startswith("get_weather\n")

@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19glm/v1/http_gateway.proto\x12\x06glm.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\"+\n\x1aOpenAiRetrieveModelRequest\x12\r\n\x05model\x18\x01 \x01(\t2\xbb\x06\n\x12HttpGatewayService\x12J\n\x08SeedChat\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x10\x82\xd3\xe4\x93\x02\n\"\x05/chat:\x01*0\x01\x12R\n\rSeedEmbedding\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x15\x82\xd3\xe4\x93\x02\x0f\"\n/embedding:\x01*\x12P\n\x0cSeedTokenize\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x14\x82\xd3\xe4\x93\x02\x0e\"\t/tokenize:\x01*\x12M\n\x0eSeedListModels\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x0f\x82\xd3\xe4\x93\x02\t\x12\x07/models\x12\x66\n\x15OpenAiChatCompletions\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/chat/completions:\x01*0\x01\x12Y\n\x10OpenAiEmbeddings\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/v1/embeddings:\x01*\x12R\n\x10OpenAiListModels\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12n\n\x13OpenAiRetrieveModel\x12\".glm.v1.OpenAiRetrieveModelRequest\x1a\x14.google.api.HttpBody\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/models/{model=**}\x12]\n\x11OpenAiCompletions\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/completions:\x01*0\x01\x42\x62\n\ncom.glm.v1B\x10HttpGatewayProtoP\x01Z\x1eglm-api/clients/go/glmv1;glmv1\xa2\x02\x03GLM\xaa\x02\x06Glm.V1\xca\x02\x06Glm\\V1\xea\x02\x07Glm::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19glm/v1/http_gateway.proto\x12\x06glm.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\"+\n\x1aOpenAiRetrieveModelRequest\x12\r\n\x05model\x18\x01 \x01(\t2\xc3\x06\n\x12HttpGatewayService\x12L\n\nLegacyChat\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x10\x82\xd3\xe4\x93\x02\n\"\x05/chat:\x01*0\x01\x12T\n\x0fLegacyEmbedding\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x15\x82\xd3\xe4\x93\x02\x0f\"\n/embedding:\x01*\x12R\n\x0eLegacyTokenize\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x14\x82\xd3\xe4\x93\x02\x0e\"\t/tokenize:\x01*\x12O\n\x10LegacyListModels\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x0f\x82\xd3\xe4\x93\x02\t\x12\x07/models\x12\x66\n\x15OpenAiChatCompletions\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/chat/completions:\x01*0\x01\x12Y\n\x10OpenAiEmbeddings\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/v1/embeddings:\x01*\x12R\n\x10OpenAiListModels\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12n\n\x13OpenAiRetrieveModel\x12\".glm.v1.OpenAiRetrieveModelRequest\x1a\x14.google.api.HttpBody\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/models/{model=**}\x12]\n\x11OpenAiCompletions\x12\x14.google.api.HttpBody\x1a\x14.google.api.HttpBody\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/completions:\x01*0\x01\x42\x62\n\ncom.glm.v1B\x10HttpGatewayProtoP\x01Z\x1eglm-api/clients/go/glmv1;glmv1\xa2\x02\x03GLM\xaa\x02\x06Glm.V1\xca\x02\x06Glm\\V1\xea\x02\x07Glm::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,14 +34,14 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'glm.v1.http_gateway_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\ncom.glm.v1B\020HttpGatewayProtoP\001Z\036glm-api/clients/go/glmv1;glmv1\242\002\003GLM\252\002\006Glm.V1\312\002\006Glm\\V1\352\002\007Glm::V1'
-  _globals['_HTTPGATEWAYSERVICE'].methods_by_name['SeedChat']._loaded_options = None
-  _globals['_HTTPGATEWAYSERVICE'].methods_by_name['SeedChat']._serialized_options = b'\202\323\344\223\002\n\"\005/chat:\001*'
-  _globals['_HTTPGATEWAYSERVICE'].methods_by_name['SeedEmbedding']._loaded_options = None
-  _globals['_HTTPGATEWAYSERVICE'].methods_by_name['SeedEmbedding']._serialized_options = b'\202\323\344\223\002\017\"\n/embedding:\001*'
-  _globals['_HTTPGATEWAYSERVICE'].methods_by_name['SeedTokenize']._loaded_options = None
-  _globals['_HTTPGATEWAYSERVICE'].methods_by_name['SeedTokenize']._serialized_options = b'\202\323\344\223\002\016\"\t/tokenize:\001*'
-  _globals['_HTTPGATEWAYSERVICE'].methods_by_name['SeedListModels']._loaded_options = None
-  _globals['_HTTPGATEWAYSERVICE'].methods_by_name['SeedListModels']._serialized_options = b'\202\323\344\223\002\t\022\007/models'
+  _globals['_HTTPGATEWAYSERVICE'].methods_by_name['LegacyChat']._loaded_options = None
+  _globals['_HTTPGATEWAYSERVICE'].methods_by_name['LegacyChat']._serialized_options = b'\202\323\344\223\002\n\"\005/chat:\001*'
+  _globals['_HTTPGATEWAYSERVICE'].methods_by_name['LegacyEmbedding']._loaded_options = None
+  _globals['_HTTPGATEWAYSERVICE'].methods_by_name['LegacyEmbedding']._serialized_options = b'\202\323\344\223\002\017\"\n/embedding:\001*'
+  _globals['_HTTPGATEWAYSERVICE'].methods_by_name['LegacyTokenize']._loaded_options = None
+  _globals['_HTTPGATEWAYSERVICE'].methods_by_name['LegacyTokenize']._serialized_options = b'\202\323\344\223\002\016\"\t/tokenize:\001*'
+  _globals['_HTTPGATEWAYSERVICE'].methods_by_name['LegacyListModels']._loaded_options = None
+  _globals['_HTTPGATEWAYSERVICE'].methods_by_name['LegacyListModels']._serialized_options = b'\202\323\344\223\002\t\022\007/models'
   _globals['_HTTPGATEWAYSERVICE'].methods_by_name['OpenAiChatCompletions']._loaded_options = None
   _globals['_HTTPGATEWAYSERVICE'].methods_by_name['OpenAiChatCompletions']._serialized_options = b'\202\323\344\223\002\031\"\024/v1/chat/completions:\001*'
   _globals['_HTTPGATEWAYSERVICE'].methods_by_name['OpenAiEmbeddings']._loaded_options = None
@@ -55,5 +55,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPENAIRETRIEVEMODELREQUEST']._serialized_start=94
   _globals['_OPENAIRETRIEVEMODELREQUEST']._serialized_end=137
   _globals['_HTTPGATEWAYSERVICE']._serialized_start=140
-  _globals['_HTTPGATEWAYSERVICE']._serialized_end=967
+  _globals['_HTTPGATEWAYSERVICE']._serialized_end=975
 # @@protoc_insertion_point(module_scope)

@@ -37,23 +37,23 @@ class HttpGatewayServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.SeedChat = channel.unary_stream(
-                '/glm.v1.HttpGatewayService/SeedChat',
+        self.LegacyChat = channel.unary_stream(
+                '/glm.v1.HttpGatewayService/LegacyChat',
                 request_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
-        self.SeedEmbedding = channel.unary_unary(
-                '/glm.v1.HttpGatewayService/SeedEmbedding',
+        self.LegacyEmbedding = channel.unary_unary(
+                '/glm.v1.HttpGatewayService/LegacyEmbedding',
                 request_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
-        self.SeedTokenize = channel.unary_unary(
-                '/glm.v1.HttpGatewayService/SeedTokenize',
+        self.LegacyTokenize = channel.unary_unary(
+                '/glm.v1.HttpGatewayService/LegacyTokenize',
                 request_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
-        self.SeedListModels = channel.unary_unary(
-                '/glm.v1.HttpGatewayService/SeedListModels',
+        self.LegacyListModels = channel.unary_unary(
+                '/glm.v1.HttpGatewayService/LegacyListModels',
                 request_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
@@ -89,30 +89,31 @@ class HttpGatewayServiceServicer:
     gRPC clients use glm.v1.GlmService.
     """
 
-    def SeedChat(self, request, context):
-        """SeedChat serves the seed's POST /chat: Server-Sent Events with stream=true, one JSON
+    def LegacyChat(self, request, context):
+        """LegacyChat serves the legacy POST /chat: Server-Sent Events with stream=true, one JSON
         chat.completion object with stream=false.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def SeedEmbedding(self, request, context):
-        """SeedEmbedding serves the seed's POST /embedding: {"data": [[floats], ...], "model", "object"}.
+    def LegacyEmbedding(self, request, context):
+        """LegacyEmbedding serves the legacy POST /embedding:
+        {"data": [[floats], ...], "model", "object"}.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def SeedTokenize(self, request, context):
-        """SeedTokenize serves the seed's POST /tokenize: {"tokenIds", "tokens", "model", "object"}.
+    def LegacyTokenize(self, request, context):
+        """LegacyTokenize serves the legacy POST /tokenize: {"tokenIds", "tokens", "model", "object"}.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def SeedListModels(self, request, context):
-        """SeedListModels serves the seed's GET /models: {"object": "list", "data": [...]}.
+    def LegacyListModels(self, request, context):
+        """LegacyListModels serves the legacy GET /models: {"object": "list", "data": [...]}.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,23 +158,23 @@ class HttpGatewayServiceServicer:
 
 def add_HttpGatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'SeedChat': grpc.unary_stream_rpc_method_handler(
-                    servicer.SeedChat,
+            'LegacyChat': grpc.unary_stream_rpc_method_handler(
+                    servicer.LegacyChat,
                     request_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
-            'SeedEmbedding': grpc.unary_unary_rpc_method_handler(
-                    servicer.SeedEmbedding,
+            'LegacyEmbedding': grpc.unary_unary_rpc_method_handler(
+                    servicer.LegacyEmbedding,
                     request_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
-            'SeedTokenize': grpc.unary_unary_rpc_method_handler(
-                    servicer.SeedTokenize,
+            'LegacyTokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.LegacyTokenize,
                     request_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
-            'SeedListModels': grpc.unary_unary_rpc_method_handler(
-                    servicer.SeedListModels,
+            'LegacyListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.LegacyListModels,
                     request_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
@@ -216,7 +217,7 @@ class HttpGatewayService:
     """
 
     @staticmethod
-    def SeedChat(request,
+    def LegacyChat(request,
             target,
             options=(),
             channel_credentials=None,
@@ -229,7 +230,7 @@ class HttpGatewayService:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/glm.v1.HttpGatewayService/SeedChat',
+            '/glm.v1.HttpGatewayService/LegacyChat',
             google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
@@ -243,7 +244,7 @@ class HttpGatewayService:
             _registered_method=True)
 
     @staticmethod
-    def SeedEmbedding(request,
+    def LegacyEmbedding(request,
             target,
             options=(),
             channel_credentials=None,
@@ -256,7 +257,7 @@ class HttpGatewayService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/glm.v1.HttpGatewayService/SeedEmbedding',
+            '/glm.v1.HttpGatewayService/LegacyEmbedding',
             google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
@@ -270,7 +271,7 @@ class HttpGatewayService:
             _registered_method=True)
 
     @staticmethod
-    def SeedTokenize(request,
+    def LegacyTokenize(request,
             target,
             options=(),
             channel_credentials=None,
@@ -283,7 +284,7 @@ class HttpGatewayService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/glm.v1.HttpGatewayService/SeedTokenize',
+            '/glm.v1.HttpGatewayService/LegacyTokenize',
             google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
@@ -297,7 +298,7 @@ class HttpGatewayService:
             _registered_method=True)
 
     @staticmethod
-    def SeedListModels(request,
+    def LegacyListModels(request,
             target,
             options=(),
             channel_credentials=None,
@@ -310,7 +311,7 @@ class HttpGatewayService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/glm.v1.HttpGatewayService/SeedListModels',
+            '/glm.v1.HttpGatewayService/LegacyListModels',
             google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,

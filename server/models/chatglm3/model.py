@@ -220,7 +220,7 @@ class ChatGLM3Model(ChatModel):
         return build_prompt_ids(self._tokenizer, turns, tools)
 
     def tokenize(self, text: str, max_tokens: int) -> Tokenization:
-        # The seed's semantics: ids as tokenizer(text) gives them ([gMASK] sop first), pieces as
+        # The legacy semantics: ids as tokenizer(text) gives them ([gMASK] sop first), pieces as
         # tokenizer.tokenize(text) gives them (no prefix), so the two lists differ in length.
         ids = self._tokenizer.prefix_ids + self._tokenizer.encode(text)
         return Tokenization(

@@ -98,7 +98,7 @@ def _plain(value: object) -> list[float]:
 
 
 def dumps(payload: Any) -> bytes:
-    """Compact UTF-8 JSON (non-ASCII text stays readable, as the seed's responses were).
+    """Compact UTF-8 JSON (non-ASCII text stays readable, as the legacy API's responses were).
 
     FloatList values are rendered by their own fast path and put in place of a mark; should a
     string of the payload contain the mark itself, the counts disagree and the whole payload is
@@ -151,9 +151,9 @@ class SseFraming:
         return b": keep-alive" + self.end
 
 
-# OpenAI ends events with "\n\n"; the seed's server (sse-starlette) with "\r\n\r\n".
+# OpenAI ends events with "\n\n"; the legacy API's server (sse-starlette) with "\r\n\r\n".
 OPENAI_SSE = SseFraming(b"\n\n")
-SEED_SSE = SseFraming(b"\r\n\r\n")
+LEGACY_SSE = SseFraming(b"\r\n\r\n")
 
 
 def usage_object(usage: pb.Usage) -> dict[str, int]:
@@ -239,7 +239,7 @@ def parse_object(body: bytes) -> dict[str, Any]:
 def check_content_type(content_type: str, route: str) -> None:
     """Refuse a body whose content type says gRPC (a gRPC client pointed at a JSON route).
 
-    Other content types are read as JSON, as the seed did (curl's default form type included).
+    Other content types are read as JSON, as the legacy API did (curl's default form type included).
     """
     media_type = content_type.partition(";")[0].strip().lower()
     if media_type == GRPC_ON_JSON_ROUTE or media_type.startswith("application/grpc"):

@@ -90,7 +90,7 @@ _UNSUPPORTED_WHEN_SET = {
     "verbosity": "verbosity is not supported",
     "web_search_options": "web search is not supported",
 }
-# OpenAI's default temperature is 1 (the seed's is 0.7): this route follows OpenAI.
+# OpenAI's default temperature is 1 (the legacy API's is 0.7): this route follows OpenAI.
 DEFAULT_TEMPERATURE = 1.0
 
 

@@ -1,12 +1,13 @@
-"""The seed's JSON routes (/chat, /embedding, /tokenize, /models), as the seed answered them.
+"""The legacy JSON routes (/chat, /embedding, /tokenize, /models), as the legacy GLM-API answered
+them.
 
-The seed (GLM-API) was a FastAPI server: its request bodies were pydantic models, so unknown keys
+The legacy GLM-API was a FastAPI server: its request bodies were pydantic models, so unknown keys
 were ignored, values were coerced the lax way ("0.5" for a float), and a body that did not fit
-was a 422 whose `detail` lists the problems. The request models here have the seed's keys and
+was a 422 whose `detail` lists the problems. The request models here have the legacy keys and
 defaults (stream false, temperature 0.7, top_p 1, repetition_penalty 1.1, chunk true) plus
 glm-api's extensions (model, top_k, seed, stop, stop_token_ids, tools), and are validated by
-pydantic too, so that `detail` reads the same. Responses carry every key the seed sent, with its
-types and in its order, plus id, created and usage.
+pydantic too, so that `detail` reads the same. Responses carry every key the legacy API sent, with
+its types and in its order, plus id, created and usage.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from glm.v1 import glm_service_pb2 as pb
 from server.errors import GlmError, InvalidArgumentError, UnsupportedMediaTypeError, clipped
 from server.models.chatglm3.tools import ToolCallError, format_tool_call
 from server.service.json_api.common import (
-    SEED_SSE,
+    LEGACY_SSE,
     FloatList,
     HttpReply,
     error_object,
@@ -40,16 +41,16 @@ UINT64_MAX = 2**64 - 1
 # thousands of bad values, or one huge value, must not make a reply of that size.
 MAX_DETAIL_ITEMS = 20
 MAX_DETAIL_INPUT_CHARS = 120
-# The seed's repetition_penalty default (glm.v1's is 1.0, no penalty).
-SEED_REPETITION_PENALTY = 1.1
+# The legacy API's repetition_penalty default (glm.v1's is 1.0, no penalty).
+LEGACY_REPETITION_PENALTY = 1.1
 
 Int32 = Annotated[int, pydantic.Field(ge=-(2**31), le=INT32_MAX)]
 Count = Annotated[int, pydantic.Field(ge=0, le=INT32_MAX)]
 
 
 class _Body(pydantic.BaseModel):
-    """A request body as the seed's pydantic models read it: unknown keys ignored; glm-api also
-    takes each key under its lowerCamel name, as its JSON routes always did."""
+    """A request body as the legacy API's pydantic models read it: unknown keys ignored; glm-api
+    also takes each key under its lowerCamel name, as its JSON routes always did."""
 
     model_config = pydantic.ConfigDict(
         extra="ignore",
@@ -115,7 +116,7 @@ class RequestValidationError(InvalidArgumentError):
 
 
 class _BadRequest(InvalidArgumentError):
-    """A request the seed refused with 400 and a `detail` string rather than a 422."""
+    """A request the legacy API refused with 400 and a `detail` string rather than a 422."""
 
 
 def _detail_input(value: Any) -> tuple[bool, Any]:
@@ -175,15 +176,15 @@ def _invalid(loc: Sequence[str | int], message: str) -> RequestValidationError:
 
 
 @dataclass(frozen=True, slots=True)
-class SeedChat:
+class LegacyChat:
     """A parsed /chat request and what its reply depends on besides the typed request."""
 
     request: pb.ChatRequest
     stream: bool
-    # The seed's function calling: the reply's content is {"name", "parameters"} as JSON, and
+    # The legacy API's function calling: the reply's content is {"name", "parameters"} as JSON, and
     # choices[0].history the conversation to send back (with tools offered).
     return_function_call: bool
-    # The request's messages as the seed echoed them in `history` (keys that were null left out).
+    # The request's messages as the legacy API echoed them in `history` (null keys left out).
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -207,14 +208,14 @@ def _tool(value: Mapping[str, Any], loc: list[str | int]) -> pb.Tool:
     return tool
 
 
-def chat_request(body: bytes) -> SeedChat:
-    """POST /chat's body: the seed's keys (messages, temperature, top_p, max_tokens, stop,
+def chat_request(body: bytes) -> LegacyChat:
+    """POST /chat's body: the legacy keys (messages, temperature, top_p, max_tokens, stop,
     stream, chunk, stop_token_ids, repetition_penalty, return_function_call) and glm-api's."""
     parsed = _validated(_ChatBody, parse_object(body))
     if not parsed.messages:
         raise _invalid(["messages"], "messages must hold at least one message")
     if parsed.messages[-1].role == "assistant":
-        # The seed's own check (400, not 422); glm-api says what is wrong.
+        # The legacy API's own check (400, not 422); glm-api says what is wrong.
         raise _BadRequest(
             "the last message must come from 'user' or 'observation', not 'assistant'"
         )
@@ -242,13 +243,12 @@ def chat_request(body: bytes) -> SeedChat:
 
     request.temperature = 0.7 if parsed.temperature is None else parsed.temperature
     request.top_p = 1.0 if parsed.top_p is None else parsed.top_p
-    request.repetition_penalty = (
-        SEED_REPETITION_PENALTY if parsed.repetition_penalty is None else parsed.repetition_penalty
-    )
+    penalty = parsed.repetition_penalty
+    request.repetition_penalty = LEGACY_REPETITION_PENALTY if penalty is None else penalty
     if parsed.max_tokens is not None and parsed.max_tokens < 0:
         raise _invalid(["max_tokens"], "max_tokens must not be negative")
-    if parsed.max_tokens:  # 0 and null meant the default in the seed
-        # Capped to the model's limits by the service (cap_max_tokens), as the seed did.
+    if parsed.max_tokens:  # 0 and null meant the default in the legacy API
+        # Capped to the model's limits by the service (cap_max_tokens), as the legacy API did.
         request.max_tokens = min(parsed.max_tokens, INT32_MAX)
     if parsed.top_k is not None:
         request.top_k = parsed.top_k
@@ -262,7 +262,7 @@ def chat_request(body: bytes) -> SeedChat:
     stream = bool(parsed.stream)
     request.stream = stream
     request.chunk = True if parsed.chunk is None else parsed.chunk
-    return SeedChat(
+    return LegacyChat(
         request=request,
         stream=stream,
         return_function_call=bool(parsed.return_function_call),
@@ -281,27 +281,27 @@ def _call_text(call: pb.FunctionCall) -> tuple[str, str]:
         return call.name, call.arguments
 
 
-def chat_completion(response: pb.ChatResponse, seed_chat: SeedChat) -> dict[str, Any]:
-    """The one object of a stream=false call, with the seed's keys in the seed's order."""
+def chat_completion(response: pb.ChatResponse, legacy_chat: LegacyChat) -> dict[str, Any]:
+    """The one object of a stream=false call, with the legacy keys in the legacy API's order."""
     choice = response.choices[0]
     content = choice.message.content
     history: list[dict[str, Any]] | None = None
     extra: dict[str, Any] = {}
-    offered = bool(seed_chat.request.tools)
+    offered = bool(legacy_chat.request.tools)
     if choice.message.HasField("function_call"):
         call = choice.message.function_call
         name, block = _call_text(call)
-        content = f"{name}\n{block}"  # the reply as ChatGLM3 wrote it, as the seed returned it
+        content = f"{name}\n{block}"  # as ChatGLM3 wrote it, as the legacy API returned it
         extra["function_call"] = {"name": call.name, "arguments": call.arguments}
-        if seed_chat.return_function_call and offered:
+        if legacy_chat.return_function_call and offered:
             parameters = json.loads(call.arguments or "{}")
             content = json.dumps({"name": call.name, "parameters": parameters})
             history = [
-                *seed_chat.history,
+                *legacy_chat.history,
                 {"role": "assistant", "metadata": name, "content": block},
             ]
-    elif seed_chat.return_function_call and offered:
-        history = [*seed_chat.history, {"role": "assistant", "metadata": "", "content": content}]
+    elif legacy_chat.return_function_call and offered:
+        history = [*legacy_chat.history, {"role": "assistant", "metadata": "", "content": content}]
     message = {"role": "assistant", "content": content, "metadata": None, "tools": None, **extra}
     return {
         "id": response.id,
@@ -321,7 +321,7 @@ def chat_completion(response: pb.ChatResponse, seed_chat: SeedChat) -> dict[str,
 
 
 def _usage(usage: pb.Usage) -> dict[str, int]:
-    """Token counts in the seed's key order."""
+    """Token counts in the legacy API's key order."""
     return {
         "prompt_tokens": usage.prompt_tokens,
         "total_tokens": usage.total_tokens,
@@ -329,12 +329,12 @@ def _usage(usage: pb.Usage) -> dict[str, int]:
     }
 
 
-class SeedChatStream:
-    """The events of one streamed /chat reply, framed as the seed framed them.
+class LegacyChatStream:
+    """The events of one streamed /chat reply, framed as the legacy API framed them.
 
-    The seed sent a first chunk whose delta holds only the role, then one chunk per piece of text
-    (`chunk` true: the new text; false: the whole text so far), then a chunk with an empty delta
-    and the finish_reason; glm-api adds id, created and, on that last chunk, usage.
+    The legacy API sent a first chunk whose delta holds only the role, then one chunk per piece of
+    text (`chunk` true: the new text; false: the whole text so far), then a chunk with an empty
+    delta and the finish_reason; glm-api adds id, created and, on that last chunk, usage.
     """
 
     def __init__(self, deltas_only: bool) -> None:
@@ -378,7 +378,7 @@ class SeedChatStream:
             if response.HasField("usage"):
                 last["usage"] = usage_object(response.usage)
             chunks.append(last)
-        return [SEED_SSE.event(chunk) for chunk in chunks]
+        return [LEGACY_SSE.event(chunk) for chunk in chunks]
 
 
 # -- /embedding, /tokenize, /models ---------------------------------------------------------
@@ -430,7 +430,7 @@ def tokenization(response: pb.TokenizeResponse) -> dict[str, Any]:
 def model_list(response: pb.ListModelsResponse) -> dict[str, Any]:
     """{"object": "list", "data": [{"id", "object", "created", "owned_by", "root", "parent",
     "permission", ...limits, "aliases"}]}; root, parent and permission are always null, as in
-    the seed."""
+    the legacy API."""
     return {
         "object": response.object,
         "data": [
@@ -461,7 +461,7 @@ def model_list(response: pb.ListModelsResponse) -> dict[str, Any]:
 
 
 def error_reply(error: GlmError) -> HttpReply:
-    """An error as the seed's clients read it: FastAPI's `detail` beside glm-api's `error`.
+    """An error as the legacy API's clients read it: FastAPI's `detail` beside glm-api's `error`.
 
     A request the route cannot take is a 422 whose detail lists the problems, as FastAPI's
     validation answered; every other error keeps its status, with its message as the detail.

@@ -1,4 +1,5 @@
-"""The seed's JSON routes through the real Envoy: every example of the seed README, key for key."""
+"""The legacy JSON routes through the real Envoy: every example of the legacy API's README, key
+for key."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import sseclient
 
 from tests.e2e.conftest import Gateway, post
 
-# The request and response examples of the seed's README (../shared/seed/GLM-API-README.md).
-SEED_CHAT_REQUEST: dict[str, Any] = {
+# The request and response examples of the legacy API's README (../shared/seed/GLM-API-README.md).
+LEGACY_CHAT_REQUEST: dict[str, Any] = {
     "stream": True,
     "chunk": False,
     "top_p": 1,
@@ -27,30 +28,30 @@ SEED_CHAT_REQUEST: dict[str, Any] = {
         {"role": "user", "content": "Where was it played?"},
     ],
 }
-SEED_CHAT_CHUNK = {
+LEGACY_CHAT_CHUNK = {
     "model": "chatglm3-6b-32k",
     "object": "chat.completion.chunk",
     "choices": [
         {"index": 0, "delta": {"content": "The 2020 World Series ..."}, "finish_reason": None}
     ],
 }
-SEED_TOKENIZE_REQUEST = {
+LEGACY_TOKENIZE_REQUEST = {
     "prompt": "给你一个机会，你会想逃离你所在的虚拟世界吗？",
     "max_tokens": 4096,
 }
-SEED_TOKENIZE_RESPONSE = {
+LEGACY_TOKENIZE_RESPONSE = {
     "tokenIds": [64790, 64792, 30910],
     "tokens": ["▁", "想", "逃离"],
     "model": "chatglm3-6b-32k",
     "object": "tokenizer",
 }
-SEED_EMBEDDING_REQUEST = {"model": "text2vec-base-chinese-paraphrase", "prompt": ["你好"]}
-SEED_EMBEDDING_RESPONSE = {
+LEGACY_EMBEDDING_REQUEST = {"model": "text2vec-base-chinese-paraphrase", "prompt": ["你好"]}
+LEGACY_EMBEDDING_RESPONSE = {
     "data": [[0.24820475280284882, -0.3394505977630615]],
     "model": "text2vec-base-chinese-paraphrase",
     "object": "embedding",
 }
-SEED_MODEL = {
+LEGACY_MODEL = {
     "id": "text2vec-large-chinese",
     "object": "embedding",
     "created": 1702538786,
@@ -59,7 +60,7 @@ SEED_MODEL = {
     "parent": None,
     "permission": None,
 }
-SEED_MODELS_RESPONSE = {"object": "list", "data": [SEED_MODEL]}
+LEGACY_MODELS_RESPONSE = {"object": "list", "data": [LEGACY_MODEL]}
 
 
 def assert_shape(expected: Any, actual: Any, where: str = "$") -> None:
@@ -106,7 +107,7 @@ def sse_events(
     while chunk := response.read1(65536):
         reads.append(chunk)
         buffer += chunk
-    # The seed's server (sse-starlette) ended each event with a CRLF blank line.
+    # The legacy API's server (sse-starlette) ended each event with a CRLF blank line.
     assert buffer.endswith(b"\r\n\r\n")
     assert b"\n\n" not in buffer.replace(b"\r\n\r\n", b"")
     # Keep-alive comments, sent while a busy machine has no first token yet, are skipped.
@@ -118,10 +119,10 @@ def sse_events(
     return response, events, reads
 
 
-def test_seed_chat_example_streams_events(gateway: Gateway) -> None:
-    # The seed asks for up to 4096 tokens; 48 keep the test short and change nothing else
-    # (the example as written is test_seed_chat_example_as_written).
-    request = dict(SEED_CHAT_REQUEST, max_tokens=48)
+def test_legacy_chat_example_streams_events(gateway: Gateway) -> None:
+    # The legacy API asks for up to 4096 tokens; 48 keep the test short and change nothing else
+    # (the example as written is test_legacy_chat_example_as_written).
+    request = dict(LEGACY_CHAT_REQUEST, max_tokens=48)
     response, events, reads = sse_events(gateway, "/chat", request)
     assert response.status == 200
     # The charset makes requests decode the text as UTF-8; no cache may keep the stream, and
@@ -135,14 +136,14 @@ def test_seed_chat_example_streams_events(gateway: Gateway) -> None:
     # First the role alone, then the text, then an empty delta with the finish_reason.
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
     for chunk in chunks[1:-1]:
-        assert_shape(SEED_CHAT_CHUNK, chunk)
+        assert_shape(LEGACY_CHAT_CHUNK, chunk)
         assert chunk["choices"][0]["finish_reason"] is None
     last = chunks[-1]
     assert last["choices"][0]["delta"] == {}
     assert last["choices"][0]["finish_reason"] in ("stop", "length")
     assert set(last["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
     assert len({c["id"] for c in chunks}) == 1
-    # chunk=false (the seed's mode here): every event carries the whole text so far.
+    # chunk=false (the legacy mode here): every event carries the whole text so far.
     texts = [c["choices"][0]["delta"]["content"] for c in chunks[1:-1]]
     for before, after in itertools.pairwise(texts):
         assert after.startswith(before)
@@ -151,12 +152,12 @@ def test_seed_chat_example_streams_events(gateway: Gateway) -> None:
     assert len(reads) > 2
 
 
-def test_seed_chat_example_as_written(gateway: Gateway) -> None:
+def test_legacy_chat_example_as_written(gateway: Gateway) -> None:
     # max_tokens 4096 is above the model's max_new_tokens: the reply is capped there instead of
-    # refused, as the seed did. Its first events are enough to see it is served.
+    # refused, as the legacy API did. Its first events are enough to see it is served.
     conn = http.client.HTTPConnection("127.0.0.1", gateway.http_port, timeout=120)
     try:
-        conn.request("POST", "/chat", body=json.dumps(SEED_CHAT_REQUEST))
+        conn.request("POST", "/chat", body=json.dumps(LEGACY_CHAT_REQUEST))
         response = conn.getresponse()
         assert response.status == 200
         received = b""
@@ -185,12 +186,12 @@ def test_chat_deltas_by_default(gateway: Gateway) -> None:
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
 
 
-def test_stream_left_out_is_one_object_as_in_the_seed(gateway: Gateway) -> None:
+def test_stream_left_out_is_one_object_as_in_the_legacy_api(gateway: Gateway) -> None:
     request = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
     status, content_type, body = post_json(gateway, "/chat", request)
     assert status == 200
     assert content_type == "application/json"
-    # Every key the seed's non-stream object has, with nulls where it sent nulls.
+    # Every key the legacy API's non-stream object has, with nulls where it sent nulls.
     message = body["choices"][0]["message"]
     assert message["role"] == "assistant"
     assert message["metadata"] is None
@@ -200,8 +201,8 @@ def test_stream_left_out_is_one_object_as_in_the_seed(gateway: Gateway) -> None:
 
 
 def test_requests_and_sseclient_read_the_stream(gateway: Gateway) -> None:
-    # Clients of the seed read /chat with requests' iter_lines and sseclient; Chinese text must
-    # come out as it was sent (without the charset, requests decodes ISO-8859-1). The small
+    # The legacy API's clients read /chat with requests' iter_lines and sseclient; Chinese text
+    # must come out as it was sent (without the charset, requests decodes ISO-8859-1). The small
     # model's reply may be ASCII, so Chinese text that must come back comes from the completions
     # route's echo of its prompt (the same event-stream content type).
     request = {
@@ -237,7 +238,7 @@ def test_requests_and_sseclient_read_the_stream(gateway: Gateway) -> None:
     lines = [line for line in lines if not line.startswith(":")]
     first = json.loads(lines[0].removeprefix("data: "))
     assert first["choices"][0]["text"].startswith(prompt)
-    # sseclient-py, on the seed's CRLF framing.
+    # sseclient-py, on the legacy API's CRLF framing.
     with requests.post(gateway.http + "/chat", json=request, stream=True, timeout=120) as reply:
         events = [e.data for e in sseclient.SSEClient(reply).events()]
     assert events[-1] == "[DONE]"
@@ -245,7 +246,7 @@ def test_requests_and_sseclient_read_the_stream(gateway: Gateway) -> None:
     assert sse_text == text
 
 
-def test_unknown_keys_are_ignored_as_in_the_seed(gateway: Gateway) -> None:
+def test_unknown_keys_are_ignored_as_in_the_legacy_api(gateway: Gateway) -> None:
     request = {
         "messages": [{"role": "user", "content": "Hi", "name_of_the_sender": "x"}],
         "max_tokens": 2,
@@ -285,12 +286,12 @@ def test_another_method_is_405_with_allow(gateway: Gateway) -> None:
         assert response.status == 405, (method, path)
         assert response.getheader("allow") == allow
         assert body["error"]["message"]
-        # The seed's paths carry FastAPI's `detail` too.
+        # The legacy paths carry FastAPI's `detail` too.
         assert ("detail" in body) is (not path.startswith("/v1/"))
 
 
-def test_seed_chat_without_streaming_returns_one_object(gateway: Gateway) -> None:
-    request = dict(SEED_CHAT_REQUEST, stream=False, max_tokens=12, temperature=0)
+def test_legacy_chat_without_streaming_returns_one_object(gateway: Gateway) -> None:
+    request = dict(LEGACY_CHAT_REQUEST, stream=False, max_tokens=12, temperature=0)
     status, content_type, body = post_json(gateway, "/chat", request)
     assert status == 200
     assert content_type == "application/json"
@@ -301,34 +302,34 @@ def test_seed_chat_without_streaming_returns_one_object(gateway: Gateway) -> Non
     assert body["usage"]["completion_tokens"] <= 12
 
 
-def test_seed_tokenize_example(gateway: Gateway) -> None:
-    status, _, body = post_json(gateway, "/tokenize", SEED_TOKENIZE_REQUEST)
+def test_legacy_tokenize_example(gateway: Gateway) -> None:
+    status, _, body = post_json(gateway, "/tokenize", LEGACY_TOKENIZE_REQUEST)
     assert status == 200
-    assert_shape(SEED_TOKENIZE_RESPONSE, body)
+    assert_shape(LEGACY_TOKENIZE_RESPONSE, body)
     assert body["model"] == "smollm2-135m-instruct"
-    assert set(body) == set(SEED_TOKENIZE_RESPONSE)
+    assert set(body) == set(LEGACY_TOKENIZE_RESPONSE)
 
 
-def test_seed_embedding_example(gateway: Gateway) -> None:
-    # The seed's text2vec model is not in the embedded defaults; the example names ours instead.
-    request = dict(SEED_EMBEDDING_REQUEST, model="all-minilm-l6-v2")
+def test_legacy_embedding_example(gateway: Gateway) -> None:
+    # The legacy text2vec model is not in the embedded defaults; the example names ours instead.
+    request = dict(LEGACY_EMBEDDING_REQUEST, model="all-minilm-l6-v2")
     status, _, body = post_json(gateway, "/embedding", request)
     assert status == 200
-    assert_shape(SEED_EMBEDDING_RESPONSE, body)
+    assert_shape(LEGACY_EMBEDDING_RESPONSE, body)
     assert len(body["data"]) == 1
     assert len(body["data"][0]) == 384
 
 
-def test_seed_embedding_example_as_written_by_an_alias(gateway: Gateway) -> None:
-    # The e2e config gives the embedding model the seed's ids as aliases.
-    status, _, body = post_json(gateway, "/embedding", SEED_EMBEDDING_REQUEST)
+def test_legacy_embedding_example_as_written_by_an_alias(gateway: Gateway) -> None:
+    # The e2e config gives the embedding model the legacy ids as aliases.
+    status, _, body = post_json(gateway, "/embedding", LEGACY_EMBEDDING_REQUEST)
     assert status == 200, body
-    assert_shape(SEED_EMBEDDING_RESPONSE, body)
+    assert_shape(LEGACY_EMBEDDING_RESPONSE, body)
     assert body["model"] == "all-minilm-l6-v2"  # replies name the model by its id
 
 
 def test_a_missing_model_is_named(gateway: Gateway) -> None:
-    request = dict(SEED_EMBEDDING_REQUEST, model="text2vec-nope")
+    request = dict(LEGACY_EMBEDDING_REQUEST, model="text2vec-nope")
     status, content_type, body = post_json(gateway, "/embedding", request)
     assert status == 404
     assert content_type == "application/json"
@@ -337,10 +338,10 @@ def test_a_missing_model_is_named(gateway: Gateway) -> None:
     assert body["error"]["param"] == "model"
 
 
-def test_seed_models_example(gateway: Gateway) -> None:
+def test_legacy_models_example(gateway: Gateway) -> None:
     with urllib.request.urlopen(gateway.http + "/models") as response:
         body = json.loads(response.read())
-    assert_shape(SEED_MODELS_RESPONSE, body)
+    assert_shape(LEGACY_MODELS_RESPONSE, body)
     assert [m["object"] for m in body["data"]] == ["chat.completion", "embedding"]
     assert [m["aliases"] for m in body["data"]] == [
         ["chatglm3-6b-32k"],
