@@ -135,6 +135,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "scripts/build_llama_server.sh builds); absent, the part is skipped"
         ),
     )
+    llama.add_argument(
+        "--llama-gguf",
+        type=Path,
+        metavar="PATH",
+        help=(
+            "the GGUF file llama-server serves (default: the package's, Q4_1); "
+            "scripts/llama_peer_gguf.sh writes glm-api's own float32 weights as f32 and q8_0"
+        ),
+    )
     envoy = parser.add_argument_group("envoy")
     envoy.add_argument(
         "--calls",

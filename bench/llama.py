@@ -249,7 +249,7 @@ def run(args: argparse.Namespace, say: Say) -> Section:
         return Section({"skipped": "no llama-server binary"}, [])
     settings = server_settings()
     spec = default_spec(ModelKind.CHAT, settings)
-    gguf = package_gguf()
+    gguf = getattr(args, "llama_gguf", None) or package_gguf()
     say(
         f"llama: glm-api ({spec.id}) against {binary} on {gguf.name}, one stream and "
         f"{STREAMS} streams of {args.stream_tokens} tokens, first tokens cold and repeated"
