@@ -29,6 +29,9 @@ def test_the_part_is_skipped_with_a_line_when_llama_server_is_absent(
 def test_an_executable_given_or_in_the_environment_is_found(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    # Whether this checkout has built the peer must not matter.
+    monkeypatch.delenv("GLM_LLAMA_SERVER", raising=False)
+    monkeypatch.setattr(llama, "DEFAULT_BINARY", tmp_path / "missing" / "llama-server")
     binary = tmp_path / "llama-server"
     binary.write_text("#!/bin/sh\n")
     assert llama.find_binary(binary) is None  # not executable
