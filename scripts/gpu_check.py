@@ -48,7 +48,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -349,21 +349,9 @@ def op_invariance(ctx: Context) -> dict[str, Any]:
 
 
 def _tiny_llama(dtype: Any) -> Any:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.tiny_models import tiny_llama  # main() put ROOT on sys.path
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config).eval().to(dtype)
+    return tiny_llama().to(dtype)
 
 
 def _tiny_chatglm3(dtype: Any) -> Any:
@@ -385,27 +373,11 @@ def _prompt(length: int, shift: int, vocab: int) -> list[int]:
     return [(7 * i + shift) % vocab for i in range(length)]
 
 
-def _greedy(batch: Any, prompts: Mapping[int, list[int]], steps: int) -> dict[int, list[Any]]:
-    """Each slot's logits, prompt's then `steps` greedy decode steps'; the slots are released."""
-    seen: dict[int, list[Any]] = {}
-    nxt: dict[int, int] = {}
-    for slot, ids in prompts.items():
-        out = batch.prefill(slot, ids)
-        seen[slot] = [out]
-        nxt[slot] = int(out.argmax())
-    for _ in range(steps):
-        for slot, out in batch.decode(nxt).items():
-            seen[slot].append(out)
-            nxt[slot] = int(out.argmax())
-    for slot in prompts:
-        batch.release(slot)
-    return seen
-
-
 def tiny_models(ctx: Context) -> dict[str, Any]:
     import torch
 
     from server.engine.kv_slots import SlotBatch
+    from tests.tiny_models import greedy_logits
 
     builders = {"llama": _tiny_llama, "chatglm3": _tiny_chatglm3}
     # Lengths on both sides of the 64-position key blocks; the slots filled from the last.
@@ -424,9 +396,11 @@ def tiny_models(ctx: Context) -> dict[str, Any]:
             batch = SlotBatch(
                 lm, ctx.device, max_sequences=rows, max_pass_tokens=0 if ctx.quick else 256
             )
-            alone = {i: _greedy(batch, {0: ids}, steps)[0] for i, ids in enumerate(prompts)}
+            alone = {i: greedy_logits(batch, {0: ids}, steps)[0] for i, ids in enumerate(prompts)}
             last = rows - 1
-            together_raw = _greedy(batch, {last - i: ids for i, ids in enumerate(prompts)}, steps)
+            together_raw = greedy_logits(
+                batch, {last - i: ids for i, ids in enumerate(prompts)}, steps
+            )
             together = {i: together_raw[last - i] for i in range(len(prompts))}
             same = all(
                 torch.equal(a, b) for i in alone for a, b in zip(alone[i], together[i], strict=True)
@@ -499,6 +473,7 @@ def fp16_overflow(ctx: Context) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from server.engine.kv_slots import SlotBatch, _attention
+    from tests.tiny_models import greedy_logits
 
     out: dict[str, Any] = {}
     # The engine's decode attention on scores past float16's range, against SDPA.
@@ -525,7 +500,7 @@ def fp16_overflow(ctx: Context) -> dict[str, Any]:
         lm = build().to(ctx.device)
         with _overflow_hooks(lm) as seen, torch.inference_mode():
             batch = SlotBatch(lm, ctx.device, max_sequences=4)
-            _greedy(
+            greedy_logits(
                 batch, {s: _prompt(40 + 20 * s, s, 97) for s in range(4)}, 4 if ctx.quick else 8
             )
         top = sorted(seen["max_abs"].items(), key=lambda kv: -kv[1])[:6]

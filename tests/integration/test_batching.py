@@ -36,48 +36,9 @@ from server.engine.kv_slots import SlotBatch
 from server.settings import DEFAULT_CONFIG
 from tests.conftest import engine_idle, make_settings
 from tests.devices import ENGINE_CASES
+from tests.tiny_models import TINY_VOCAB, greedy_logits, tiny_glm, tiny_llama
 
 # -- SlotBatch on tiny models ---------------------------------------------------------------------
-
-
-def tiny_llama() -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        attn_implementation="sdpa",
-    )
-    model: torch.nn.Module = LlamaForCausalLM(config).eval()
-    return model
-
-
-def tiny_glm() -> torch.nn.Module:
-    from transformers import GlmConfig, GlmForCausalLM
-
-    torch.manual_seed(0)
-    config = GlmConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        eos_token_id=1,
-        attn_implementation="sdpa",
-    )
-    model: torch.nn.Module = GlmForCausalLM(config).eval()
-    return model
-
 
 TINY_MODELS = {"llama": tiny_llama, "glm": tiny_glm}
 # How far slot logits may be from a plain forward's in each dtype: other kernels, other rounding.
@@ -94,7 +55,7 @@ TINY_PROMPTS = {2: 5, 0: 37, 5: 70}
 
 
 def token_ids(length: int, shift: int) -> list[int]:
-    return [(7 * i + shift) % 97 for i in range(length)]
+    return [(7 * i + shift) % TINY_VOCAB for i in range(length)]
 
 
 @torch.inference_mode()
@@ -143,27 +104,10 @@ def test_slots_are_batch_invariant(
 ) -> None:
     """A sequence's logits are bit-identical whatever else is in the batch and in which slot."""
     lm = tiny(name, device, dtype)
-
-    def greedy(batch: SlotBatch, placements: dict[int, int], steps: int) -> dict[int, list[Any]]:
-        # placements: slot -> prompt length; returns slot -> every step's logits.
-        seen: dict[int, list[Any]] = {}
-        nxt: dict[int, int] = {}
-        for slot, length in placements.items():
-            out = batch.prefill(slot, token_ids(length, length))
-            seen[slot] = [out]
-            nxt[slot] = int(out.argmax())
-        for _ in range(steps):
-            for slot, out in batch.decode(nxt).items():
-                seen[slot].append(out)
-                nxt[slot] = int(out.argmax())
-        for slot in placements:
-            batch.release(slot)
-        return seen
-
     batch = SlotBatch(lm, torch.device(device), max_sequences=8, profile=profile)
     lengths = [3, 17, 40, 63, 64, 90]
-    alone = {n: greedy(batch, {0: n}, 12)[0] for n in lengths}
-    together = greedy(batch, {7 - i: n for i, n in enumerate(lengths)}, 12)
+    alone = {n: greedy_logits(batch, {0: token_ids(n, n)}, 12)[0] for n in lengths}
+    together = greedy_logits(batch, {7 - i: token_ids(n, n) for i, n in enumerate(lengths)}, 12)
     for i, n in enumerate(lengths):
         for a, b in zip(alone[n], together[7 - i], strict=True):
             assert torch.equal(a, b), f"prompt of {n} tokens differs in a batch"

@@ -29,12 +29,13 @@ from server.errors import ResourceExhaustedError
 from server.models.chatglm3.model import one_gpu_for
 from tests.conftest import make_settings
 from tests.devices import gpu_param, needs_gpus
-from tests.integration.test_batching import full_forward_logits, tiny_llama, token_ids
+from tests.integration.test_batching import full_forward_logits, token_ids
 from tests.integration.test_chatglm3_weights import (
     chatglm3_spec,
     train_sentencepiece,
     write_tiny_chatglm3,
 )
+from tests.tiny_models import tiny_llama
 
 # -- half precision serves -------------------------------------------------------------------------
 

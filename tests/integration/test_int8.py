@@ -14,7 +14,8 @@ from server.domain import ModelKind
 from server.engine.kv_slots import SlotBatch
 from server.models.int8_linear import Int8Linear, logit_error, prompt_logits, quantize_linears
 from server.settings import DEFAULT_CONFIG, Settings
-from tests.integration.test_batching import tiny_llama, token_ids
+from tests.integration.test_batching import token_ids
+from tests.tiny_models import tiny_llama
 
 
 def test_an_int8_layer_is_close_to_float_and_gives_a_row_the_same_bits_in_any_batch() -> None:

@@ -31,7 +31,8 @@ from server.engine.kv_slots import SlotBatch
 from server.engine.prefix_cache import PrefixCache, block_keys
 from server.settings import DEFAULT_CONFIG
 from tests.conftest import engine_idle, make_settings
-from tests.integration.test_batching import PARAGRAPH, QUESTION, STORY, tiny_llama, token_ids, until
+from tests.integration.test_batching import PARAGRAPH, QUESTION, STORY, token_ids, until
+from tests.tiny_models import tiny_llama
 
 # -- the cache alone -------------------------------------------------------------------------------
 
