@@ -8,6 +8,7 @@ test_security.py runs the same rules through the real Envoy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -38,7 +39,7 @@ from server.domain import ModelKind
 from server.transport.grpc_server import Health, build_server
 from server.transport.security import SecurityConfigError
 from tests.certs import Certs, make_certs
-from tests.conftest import default_specs, free_port, make_settings
+from tests.conftest import default_specs, free_port, make_settings, serving
 
 pytestmark = pytest.mark.slow
 
@@ -79,11 +80,10 @@ def embed_only_specs() -> tuple[ModelSpec, ...]:
     return tuple(s for s in default_specs() if s.kind is ModelKind.EMBEDDING)
 
 
-async def start_app(specs: tuple[ModelSpec, ...], **settings: object) -> GlmApp:
-    app = GlmApp(make_settings(warmup=False, **settings), specs=specs)
-    await app.start()
-    await app.load_models()
-    return app
+def serving_unwarmed(
+    specs: tuple[ModelSpec, ...], **settings: object
+) -> contextlib.AbstractAsyncContextManager[GlmApp]:
+    return serving(make_settings(warmup=False, **settings), specs)
 
 
 @pytest.fixture(scope="module")
@@ -94,25 +94,19 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 @pytest.fixture(scope="module")
 async def app(keys: Keys) -> AsyncIterator[GlmApp]:
     """A server with both default models that requires API keys."""
-    app = await start_app(
+    async with serving_unwarmed(
         default_specs(),
         api_keys_file=str(keys.path),
         rate_limit_window_s=WINDOW_S,
         metrics_port=free_port(),
-    )
-    yield app
-    await app.stop(grace=1.0)
+    ) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")
-async def channel(app: GlmApp) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
-        yield ch
-
-
-@pytest.fixture(scope="module")
-def stub(channel: grpc.aio.Channel) -> pb_grpc.GlmServiceStub:
-    return pb_grpc.GlmServiceStub(channel)
+def served_app(app: GlmApp) -> GlmApp:
+    """The server tests/conftest.py's `channel` and `stub` call here."""
+    return app
 
 
 @pytest.fixture(scope="module")
@@ -480,27 +474,25 @@ async def tls_app(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Async
     """A TLS server with API keys, with certificates of its own (the rotation test replaces
     them)."""
     own = make_certs(tmp_path_factory.mktemp("tls-certs"))
-    app = await start_app(
+    async with serving_unwarmed(
         embed_only_specs(),
         api_keys_file=str(keys.path),
         tls_cert_file=str(own.server_cert),
         tls_key_file=str(own.server_key),
-    )
-    yield TlsServer(own, app.port)
-    await app.stop(grace=1.0)
+    ) as app:
+        yield TlsServer(own, app.port)
 
 
 @pytest.fixture(scope="module")
 async def mtls_app(certs: Certs, keys: Keys) -> AsyncIterator[GlmApp]:
-    app = await start_app(
+    async with serving_unwarmed(
         embed_only_specs(),
         api_keys_file=str(keys.path),
         tls_cert_file=str(certs.server_cert),
         tls_key_file=str(certs.server_key),
         tls_client_ca_file=str(certs.client_ca),
-    )
-    yield app
-    await app.stop(grace=1.0)
+    ) as app:
+        yield app
 
 
 async def tokenize_over(

@@ -34,7 +34,7 @@ from server.engine.chat import ChatEngine
 from server.engine.device_profile import DeviceProfile
 from server.engine.kv_slots import SlotBatch
 from server.settings import DEFAULT_CONFIG
-from tests.conftest import engine_idle, make_settings
+from tests.conftest import engine_idle, make_settings, serving
 from tests.devices import ENGINE_CASES
 from tests.tiny_models import TINY_VOCAB, greedy_logits, tiny_glm, tiny_llama
 
@@ -242,11 +242,8 @@ async def batch_app() -> AsyncIterator[GlmApp]:
     spec = dataclasses.replace(
         chat, max_concurrent=8, max_waiting=2, max_batch_tokens=104, prefix_cache_mb=0
     )
-    app = GlmApp(make_settings(), specs=(spec,))
-    await app.start()
-    await app.load_models()
-    yield app
-    await app.stop(grace=0.5)
+    async with serving(make_settings(), (spec,), grace=0.5) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +25,8 @@ from server.engine.embed import EmbedBatcher, measure_pass_overhead
 from server.errors import ResourceExhaustedError, UnavailableError
 from server.metrics import EngineObserver
 from server.models.base import EmbeddingModel
-from server.models.loader import load_model
 from server.settings import DEFAULT_CONFIG
+from tests.conftest import SHARED_MODELS, make_settings
 from tests.devices import DEFAULT_EMBED_ATOL
 
 SENTENCE = (
@@ -118,12 +117,12 @@ class GatedModel(EmbeddingModel):
 
 
 @pytest.fixture(scope="module")
-def model() -> EmbeddingModel:
+def model() -> Iterator[EmbeddingModel]:
     spec = next(s for s in load_model_specs(DEFAULT_CONFIG) if s.kind is ModelKind.EMBEDDING)
-    with tempfile.TemporaryDirectory() as cache:
-        loaded = load_model(spec, Path(cache))
-    assert isinstance(loaded, EmbeddingModel)
-    return loaded
+    with SHARED_MODELS.lending() as loader:
+        loaded = loader(spec, Path(make_settings().cache_dir))
+        assert isinstance(loaded, EmbeddingModel)
+        yield loaded
 
 
 def alone(model: EmbeddingModel, texts: Sequence[str]) -> np.ndarray:

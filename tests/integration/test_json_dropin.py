@@ -21,7 +21,7 @@ from server.app import GlmApp
 from server.domain import ModelKind
 from server.service.http_gateway import STATUS_HEADER
 from server.service.json_api.common import LEGACY_SSE
-from tests.conftest import default_specs, make_settings
+from tests.conftest import default_specs, make_settings, serving
 
 CHAT_MODEL = "smollm2-135m-instruct"
 ALIAS = "chatglm3-6b-32k"
@@ -37,11 +37,8 @@ async def app() -> AsyncIterator[GlmApp]:
         for s in default_specs()
         if s.kind is ModelKind.CHAT
     )
-    server = GlmApp(make_settings(), specs=specs)
-    await server.start()
-    await server.load_models()
-    yield server
-    await server.stop(grace=1.0)
+    async with serving(make_settings(), specs) as server:
+        yield server
 
 
 @pytest.fixture

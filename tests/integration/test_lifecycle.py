@@ -17,7 +17,7 @@ from server.config import ModelSpec
 from server.domain import ModelKind
 from server.engine.registry import ModelRegistry, ModelStartupError
 from server.models.loader import load_model
-from tests.conftest import default_specs, engine_idle, make_settings
+from tests.conftest import default_specs, engine_idle, make_settings, serving
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -40,10 +40,9 @@ async def health_of(channel: grpc.aio.Channel, service: str = "") -> int:
 @pytest.fixture(scope="module")
 async def small_app() -> AsyncIterator[GlmApp]:
     """A server with one chat slot and one waiting place, not yet loaded when a test starts."""
-    app = GlmApp(make_settings(), specs=default_specs(max_concurrent=1, max_waiting=1))
-    await app.start()
-    yield app
-    await app.stop(grace=0.5)
+    specs = default_specs(max_concurrent=1, max_waiting=1)
+    async with serving(make_settings(), specs, load=False, grace=0.5) as app:
+        yield app
 
 
 async def test_lifecycle_from_loading_to_draining(small_app: GlmApp) -> None:

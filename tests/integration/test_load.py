@@ -30,7 +30,7 @@ from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
 from server.app import GlmApp
 from server.engine.chat import ChatEngine
-from tests.conftest import default_specs, engine_idle, free_port, make_settings
+from tests.conftest import default_specs, engine_idle, free_port, make_settings, serving
 from tests.devices import DEFAULT_EMBED_ATOL
 
 pytestmark = pytest.mark.slow
@@ -64,14 +64,12 @@ class Served:
 @contextlib.asynccontextmanager
 async def serve(**spec_overrides: object) -> AsyncIterator[Served]:
     """A server of its own with the default models, `spec_overrides` and a metrics port."""
-    app = GlmApp(make_settings(metrics_port=free_port()), specs=default_specs(**spec_overrides))
-    await app.start()
-    try:
-        await app.load_models()
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-            yield Served(app, pb_grpc.GlmServiceStub(channel))
-    finally:
-        await app.stop(grace=1)
+    settings = make_settings(metrics_port=free_port())
+    async with (
+        serving(settings, default_specs(**spec_overrides)) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+    ):
+        yield Served(app, pb_grpc.GlmServiceStub(channel))
 
 
 @pytest.fixture(scope="module")

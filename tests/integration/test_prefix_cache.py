@@ -23,14 +23,13 @@ import torch
 
 from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
-from server.app import GlmApp
 from server.config import load_model_specs
 from server.domain import ModelKind
 from server.engine.chat import ChatEngine
 from server.engine.kv_slots import SlotBatch
 from server.engine.prefix_cache import PrefixCache, block_keys
 from server.settings import DEFAULT_CONFIG
-from tests.conftest import engine_idle, make_settings
+from tests.conftest import engine_idle, make_settings, serving
 from tests.integration.test_batching import PARAGRAPH, QUESTION, STORY, token_ids, until
 from tests.tiny_models import tiny_llama
 
@@ -158,14 +157,11 @@ async def served(prefix_cache_mb: int) -> AsyncIterator[tuple[pb_grpc.GlmService
     spec = dataclasses.replace(
         chat, max_concurrent=4, max_batch_tokens=100, prefix_cache_mb=prefix_cache_mb
     )
-    app = GlmApp(make_settings(), specs=(spec,))
-    await app.start()
-    try:
-        await app.load_models()
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-            yield pb_grpc.GlmServiceStub(channel), app.registry.chat("")[1]
-    finally:
-        await app.stop(grace=0.5)
+    async with (
+        serving(make_settings(), (spec,), grace=0.5) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+    ):
+        yield pb_grpc.GlmServiceStub(channel), app.registry.chat("")[1]
 
 
 async def conversation(stub: pb_grpc.GlmServiceStub) -> list[str]:

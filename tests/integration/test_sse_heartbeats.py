@@ -24,7 +24,7 @@ from server.domain import ModelKind
 from server.engine.chat import ChatEngine
 from server.service.http_gateway import STATUS_HEADER
 from server.service.json_api.common import EVENT_STREAM, LEGACY_SSE, OPENAI_SSE, SseFraming
-from tests.conftest import default_specs, engine_idle, make_settings
+from tests.conftest import default_specs, engine_idle, make_settings, serving
 
 LONG = pb.ChatRequest(
     messages=[pb.ChatMessage(role="user", content="Tell me a very long story about a dragon.")],
@@ -42,11 +42,8 @@ async def one_slot_app() -> AsyncIterator[GlmApp]:
         for s in default_specs()
         if s.kind is ModelKind.CHAT
     )
-    app = GlmApp(make_settings(sse_heartbeat_s=0.02), specs=specs)
-    await app.start()
-    await app.load_models()
-    yield app
-    await app.stop(grace=1.0)
+    async with serving(make_settings(sse_heartbeat_s=0.02), specs) as app:
+        yield app
 
 
 @pytest.fixture
