@@ -17,6 +17,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2_grpc
 
+from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
 from server.app import GlmApp
 from server.config import ModelSpec, load_model_specs
@@ -59,6 +60,14 @@ async def engine_idle(engine: ChatEngine, within_s: float) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"the chat engine is still busy: {engine.stats}")
         await asyncio.sleep(0.01)
+
+
+async def chat_error(stub: pb_grpc.GlmServiceStub, request: pb.ChatRequest) -> grpc.aio.AioRpcError:
+    """The error a Chat call ends with (the test fails if it ends without one)."""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in stub.Chat(request):
+            pass
+    return err.value
 
 
 def make_settings(**overrides: object) -> Settings:

@@ -9,19 +9,13 @@ import pytest
 
 from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
+from tests.conftest import chat_error
 
 Code = grpc.StatusCode
 
 
 def msg(role: str, content: str = "hi") -> pb.ChatMessage:
     return pb.ChatMessage(role=role, content=content)
-
-
-async def chat_error(stub: pb_grpc.GlmServiceStub, request: pb.ChatRequest) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        async for _ in stub.Chat(request):
-            pass
-    return err.value
 
 
 CHAT_CASES = [

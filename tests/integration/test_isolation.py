@@ -24,6 +24,7 @@ from server.errors import MESSAGE_MAX_CHARS
 from server.models.causal_lm import TransformersChatModel
 from server.service.convert import MAX_ROLE_CHARS
 from server.service.http_gateway import STATUS_HEADER
+from tests.conftest import chat_error
 
 Code = grpc.StatusCode
 CHAT_MODEL = "smollm2-135m-instruct"
@@ -32,13 +33,6 @@ EMBED_MODEL = "all-minilm-l6-v2"
 
 def user(content: str = "hi", role: str = "user") -> pb.ChatMessage:
     return pb.ChatMessage(role=role, content=content)
-
-
-async def chat_error(stub: pb_grpc.GlmServiceStub, request: pb.ChatRequest) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        async for _ in stub.Chat(request):
-            pass
-    return err.value
 
 
 async def unary_error(call: Any) -> grpc.aio.AioRpcError:
