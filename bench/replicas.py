@@ -91,6 +91,17 @@ def consecutive_free_ports(count: int) -> int:
     raise RuntimeError(f"no {count} free ports in a row")
 
 
+def child_serving(gateway_pid: int, address: str) -> int:
+    """The process id of the gateway's replica on gRPC `address` (it changes on a restart)."""
+    for child in psutil.Process(gateway_pid).children():
+        try:
+            if child.environ().get("GLM_GRPC_ADDRESS") == address:
+                return int(child.pid)
+        except psutil.Error:  # a child that is gone, or not ours to read
+            continue
+    raise LookupError(f"no replica on {address}")
+
+
 @dataclass
 class Gateway:
     """A running `python -m gateway --replicas N`."""
@@ -128,14 +139,7 @@ class Gateway:
         raise RuntimeError(f"/healthz never counted {count} replicas: {self.healthz()}")
 
     def replica_pid(self, index: int) -> int:
-        address = f"127.0.0.1:{self.first_grpc_port + index}"
-        for child in psutil.Process(self.proc.pid).children():
-            try:
-                if child.environ().get("GLM_GRPC_ADDRESS") == address:
-                    return int(child.pid)
-            except psutil.Error:
-                continue
-        raise LookupError(f"no replica on {address}")
+        return child_serving(self.proc.pid, f"127.0.0.1:{self.first_grpc_port + index}")
 
     def pids(self) -> list[int]:
         try:

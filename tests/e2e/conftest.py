@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import subprocess
@@ -133,6 +134,24 @@ def stop_gateway(gateway: Gateway) -> int:
             os.killpg(gateway.proc.pid, signal.SIGKILL)
             gateway.proc.wait()
     return int(gateway.proc.returncode)
+
+
+def exchange(
+    conn: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One request on `conn`, closed after it: the status, the headers (names in lower case)
+    and the body."""
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        data = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+    finally:
+        conn.close()
 
 
 def post(url: str, payload: bytes) -> tuple[int, str, bytes]:

@@ -24,7 +24,14 @@ from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
 from server.auth.keys import append_key
 from tests.conftest import free_port
-from tests.e2e.conftest import ALLOWED_ORIGIN, Gateway, start_gateway, stop_gateway, wait_healthy
+from tests.e2e.conftest import (
+    ALLOWED_ORIGIN,
+    Gateway,
+    exchange,
+    start_gateway,
+    stop_gateway,
+    wait_healthy,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -91,13 +98,7 @@ def request(
 ) -> tuple[int, dict[str, str], bytes]:
     """One HTTP/1.1 request to Envoy, as a browser's fetch() makes it."""
     conn = http.client.HTTPConnection("127.0.0.1", served.gateway.http_port, timeout=120)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        data = response.read()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, data
-    finally:
-        conn.close()
+    return exchange(conn, method, path, body, headers)
 
 
 # -- the page's files --------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.replicas import consecutive_free_ports
+from bench.replicas import child_serving, consecutive_free_ports
 from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
 from tests.e2e.conftest import Gateway, start_gateway, stop_gateway, wait_healthy
@@ -104,14 +104,7 @@ class Replicas:
 
     def pid(self, index: int) -> int:
         """The process id of replica `index` now (it changes when the replica restarts)."""
-        address = f"127.0.0.1:{self.grpc_ports[index]}"
-        for child in psutil.Process(self.gateway.proc.pid).children():
-            try:
-                if child.environ().get("GLM_GRPC_ADDRESS") == address:
-                    return int(child.pid)
-            except psutil.Error:
-                continue
-        raise LookupError(f"no replica on {address}")
+        return child_serving(self.gateway.proc.pid, f"127.0.0.1:{self.grpc_ports[index]}")
 
     def wait_all_serving(self, timeout: float = 1200) -> None:
         deadline = time.monotonic() + timeout

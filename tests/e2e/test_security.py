@@ -26,7 +26,7 @@ from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
 from server.auth.keys import append_key
 from tests.certs import Certs, make_certs
-from tests.e2e.conftest import Gateway, start_gateway, stop_gateway
+from tests.e2e.conftest import Gateway, exchange, start_gateway, stop_gateway
 
 pytestmark = pytest.mark.slow
 
@@ -104,13 +104,7 @@ class Secure:
         conn = http.client.HTTPSConnection(
             "localhost", self.port, context=context or self.context(), timeout=120
         )
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            data = response.read()
-            return response.status, {k.lower(): v for k, v in response.getheaders()}, data
-        finally:
-            conn.close()
+        return exchange(conn, method, path, body, headers)
 
 
 def wait_secure_healthy(secure: Secure, timeout: float = 300) -> None:
