@@ -54,7 +54,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--mode", default="default")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument(
+        "--no-onednn",
+        action="store_true",
+        help="plans without oneDNN's kernel (inductor lowers it only for frozen weights)",
+    )
     args = parser.parse_args()
+    if args.no_onednn:
+        from server.engine import invariant_linear
+
+        invariant_linear.KERNELS.pop("onednn")
     if args.threads:
         torch.set_num_threads(args.threads)
     from server.engine.kv_slots import SlotBatch

@@ -453,7 +453,7 @@ def choose_plans(
     output = _output_layer(causal_lm)
     sizes = _call_sizes(max_rows)
     kernels = list(KERNELS)
-    if not _copies_fit(_linears(causal_lm)):
+    if "onednn" in kernels and not _copies_fit(_linears(causal_lm)):
         kernels.remove("onednn")
         log.info(
             "decode linear layers: no oneDNN candidate (a second copy of the weights would "
