@@ -17,7 +17,14 @@ from typing import Any
 import torch
 
 # Operators whose self time is BLAS work.
-_BLAS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_weight_int8pack_mm")
+_BLAS = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::_weight_int8pack_mm",
+    "mkldnn::_linear_pointwise",
+)
 
 
 def _default_model(quantize: str) -> Any:

@@ -17,6 +17,12 @@ sequence. Two facts about BLAS libraries shape how that is done here:
   shape gets the (operand order, class) whose calls are never far from the fastest candidate,
   whatever the number of rows 1..max_rows (the smallest worst ratio).
   Measured, not assumed: it depends on the BLAS, the CPU, the thread count and the device.
+- A third candidate on a CPU in float32: oneDNN's linear kernel over a copy of the weight laid
+  out once in the blocked format it reads (`torch.ops.mkldnn`, what inductor's frozen CPU graphs
+  call). Its small passes read each weight once for all rows, so 8 rows cost little more than
+  1, and the probe finds one row count class for most shapes. The copy doubles the linear
+  weights' memory: it is kept only for shapes whose plan uses it, and not tried at all where it
+  would take more than a quarter of the available memory.
 
 Passes of more rows than a plan covers (prompt chunks) run in one call of whichever operand
 order is faster for prompt-sized passes (measured too: `x @ weight.T` by 15-25% at 45 and 254
@@ -32,6 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -65,7 +72,69 @@ def _weight_first(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.mm(weight, x.T).T
 
 
-KERNELS: dict[str, Kernel] = {"input_first": _input_first, "weight_first": _weight_first}
+_MKLDNN = bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
+# oneDNN's copy of each weight, laid out once in the blocked format its CPU kernels read (keyed by
+# the weight's id; the weak reference tells a reused id from the same tensor).
+_reordered: dict[int, tuple[weakref.ref[torch.Tensor], int, torch.Tensor]] = {}
+
+
+def _onednn_weight(weight: torch.Tensor) -> torch.Tensor:
+    found = _reordered.get(id(weight))
+    if found is not None and found[0]() is weight and found[1] == weight.data_ptr():
+        return found[2]
+    reordered: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+    _reordered[id(weight)] = (weakref.ref(weight), weight.data_ptr(), reordered)
+    return reordered
+
+
+def _onednn(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+        x, _onednn_weight(weight), None, "none", [], ""
+    )
+    return out
+
+
+KERNELS: dict[str, Kernel] = {
+    "input_first": _input_first,
+    "weight_first": _weight_first,
+    "onednn": _onednn,
+}
+
+
+def _usable(name: str, weight: torch.Tensor) -> bool:
+    """Whether kernel `name` runs on `weight` (oneDNN's: CPU float32 weights only)."""
+    if name != "onednn":
+        return True
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and _MKLDNN
+
+
+def _copies_fit(layers: Iterable[torch.nn.Linear]) -> bool:
+    """Whether a second copy of these weights leaves most of the memory available (Linux)."""
+    needed = sum(m.weight.nbytes for m in layers)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return needed <= int(line.split()[1]) * 1024 // 4
+    except OSError:
+        pass
+    return False
+
+
+def _forget_unused(causal_lm: torch.nn.Module, plans: dict[ShapeKey, LinearPlan]) -> int:
+    """Drop the reordered weights of `causal_lm` that no plan reads (timing the candidates
+    reordered them all); returns the bytes the kept ones hold."""
+    kept = 0
+    for m in _linears(causal_lm):
+        plan = plans.get(shape_key(m))
+        found = _reordered.get(id(m.weight))
+        if found is None or found[0]() is not m.weight:
+            continue
+        if plan is not None and plan.kernel == "onednn":
+            kept += found[2].nbytes
+        else:
+            del _reordered[id(m.weight)]
+    return kept
 
 
 def shape_key(module: torch.nn.Linear) -> ShapeKey:
@@ -321,6 +390,9 @@ def _seconds(kernel: Kernel, layers: list[torch.nn.Linear], x: torch.Tensor) -> 
     return time.perf_counter() - started
 
 
+# Kernels for prompt-sized passes. Not oneDNN's: it changes its code path at a larger pass size
+# than MKL, so chunks would need to be much longer to share a prefill pass.
+_LARGE_KERNELS = ("input_first", "weight_first")
 # Prompt chunks are timed at this many rows (a typical chat prompt) and at the largest pass.
 _PROMPT_ROWS = 48
 # Prompt-sized passes are timed on layers holding at least this many bytes of weights.
@@ -331,7 +403,9 @@ _CPU_PROBE_FLOPS = 1e11
 
 
 def _fastest_large(
-    layers: list[torch.nn.Linear], sizes: list[int], generator: torch.Generator
+    layers: list[torch.nn.Linear],
+    sizes: list[int],
+    generator: torch.Generator,
 ) -> str:
     """The kernel whose passes of `sizes` rows are never far from the fastest (best of two).
 
@@ -349,21 +423,22 @@ def _fastest_large(
             break
     layers = timed
     weight = layers[0].weight
-    seconds = {(name, size): float("inf") for name in KERNELS for size in sizes}
+    names = _LARGE_KERNELS
+    seconds = {(name, size): float("inf") for name in names for size in sizes}
     inputs = {}
     for size in sizes:
         x = torch.randn(size, weight.shape[1], generator=generator)
         inputs[size] = x.to(weight.device, weight.dtype)
     # Timed as such passes run, result made row-major included (for `weight @ x.T`, a strided
     # copy that costs it about 0.1 ms a call at 45 rows: enough to turn the choice here).
-    passes: dict[str, Kernel] = {name: partial(_large_pass, name) for name in KERNELS}
+    passes: dict[str, Kernel] = {name: partial(_large_pass, name) for name in names}
     for round_ in range(3):
         for (name, size), best in seconds.items():
             s = _seconds(passes[name], layers, inputs[size])
             if round_:
                 seconds[(name, size)] = min(best, s)
-    fastest = {size: min(seconds[(name, size)] for name in KERNELS) for size in sizes}
-    return min(KERNELS, key=lambda name: max(seconds[(name, n)] / fastest[n] for n in sizes))
+    fastest = {size: min(seconds[(name, size)] for name in names) for size in sizes}
+    return min(names, key=lambda name: max(seconds[(name, n)] / fastest[n] for n in sizes))
 
 
 @torch.inference_mode()
@@ -377,6 +452,13 @@ def choose_plans(
     by_shape = _by_shape(causal_lm)
     output = _output_layer(causal_lm)
     sizes = _call_sizes(max_rows)
+    kernels = list(KERNELS)
+    if "onednn" in kernels and not _copies_fit(_linears(causal_lm)):
+        kernels.remove("onednn")
+        log.info(
+            "decode linear layers: no oneDNN candidate (a second copy of the weights would "
+            "not leave most of the available memory)"
+        )
     generator = torch.Generator().manual_seed(0)
     plans: dict[ShapeKey, LinearPlan] = {}
     summary: list[str] = []
@@ -387,8 +469,9 @@ def choose_plans(
         x = _probe_input(weight, x_rows, generator)
         candidates = [
             (name, cls)
-            for name, kernel in KERNELS.items()
-            for cls in _classes(kernel, sizes, (weight, x), rows)
+            for name in kernels
+            if _usable(name, weight)
+            for cls in _classes(KERNELS[name], sizes, (weight, x), rows)
         ]
         timed = {(name, size) for name, cls in candidates for size in cls}
         # A warm-up round, then the best of two interleaved rounds: another process's burst of
@@ -424,6 +507,9 @@ def choose_plans(
             f"({sum(per_n) / max_rows * 1000:.1f} ms per average pass), {large} beyond"
         )
     log.info("decode linear layers: %s", "; ".join(summary))
+    kept = _forget_unused(causal_lm, plans)
+    if kept:
+        log.info("decode linear layers: oneDNN's reordered weights hold %.0f MiB", kept / 2**20)
     return plans
 
 

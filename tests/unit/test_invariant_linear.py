@@ -185,3 +185,33 @@ def test_half_precision_probes_see_another_summation_order() -> None:
     assert sorted(_classes(by_order, [1, 2, 3, 4], probe, rows)) == [[1, 3], [2, 4]]
     # The planted values are exact in the dtype and the results finite.
     assert torch.isfinite(by_order(*probe)).all()
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not built in")  # type: ignore[no-untyped-call]
+def test_onednn_calls_of_one_class_give_each_row_the_same_bits_in_any_pass() -> None:
+    """oneDNN's kernel (weights reordered once) as a plan would use it, on the embedded model's
+    shapes: the probed class holding 8-row calls, a row alone and among 1..7 others, anywhere."""
+    net = model((576, 1536), (1536, 576), (576, 192))
+    generator = torch.Generator().manual_seed(3)
+    plans = {}
+    with torch.inference_mode():
+        for layer in net.modules():
+            if not isinstance(layer, torch.nn.Linear):
+                continue
+            x = torch.randn(16, layer.weight.shape[1], generator=generator)
+            classes = _classes(KERNELS["onednn"], list(range(1, 9)), (layer.weight, x))
+            eight = next(c for c in classes if 8 in c)
+            calls = _best_calls({size: 1.0 / size for size in eight}, max_rows=8)
+            plans[shape_key(layer)] = LinearPlan("onednn", calls)
+    probe = torch.randn(576, generator=generator)
+    with torch.inference_mode():
+        expected = net(probe[None, None])[0, 0]
+    install(net, plans)
+    with torch.inference_mode():
+        alone = net(probe[None, None])[0, 0]
+        torch.testing.assert_close(alone, expected)
+        for rows in range(2, 9):
+            for place in (0, rows - 1, rows // 2):
+                x = torch.randn(rows, 1, 576, generator=generator)
+                x[place, 0] = probe
+                assert torch.equal(net(x)[place, 0], alone), (rows, place)
