@@ -95,6 +95,10 @@ def child_serving(gateway_pid: int, address: str) -> int:
     """The process id of the gateway's replica on gRPC `address` (it changes on a restart)."""
     for child in psutil.Process(gateway_pid).children():
         try:
+            # Envoy inherits the gateway's environment, GLM_GRPC_ADDRESS included (replica 0's):
+            # only a server process counts.
+            if child.cmdline()[-2:] != ["-m", "server"]:
+                continue
             if child.environ().get("GLM_GRPC_ADDRESS") == address:
                 return int(child.pid)
         except psutil.Error:  # a child that is gone, or not ours to read

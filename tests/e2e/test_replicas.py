@@ -83,6 +83,10 @@ class Replicas:
                 if attempt == 2:
                     raise
                 time.sleep(0.2)
+            except urllib.error.URLError as exc:
+                # Envoy does not answer at all: what the gateway logged says why.
+                tail = self.gateway.log_text()[-3000:]
+                raise AssertionError(f"/healthz: {exc}; the gateway's log ends:\n{tail}") from exc
         raise AssertionError("unreachable")
 
     def metric(self, index: int, name: str, label_suffix: tuple[str, str] | None = None) -> float:
@@ -261,13 +265,15 @@ def test_calls_spread_over_every_replica(replicas: Replicas) -> None:
         ]
 
     before = tokenize_calls()
-    # Least-request balancing picks among random pairs, so a short run may miss a replica by
-    # chance: call until each one has served, within a bound that a replica left out of the
-    # rotation would never meet.
+    # Envoy sends a replica no call for several seconds after its health checks first pass
+    # (seen: 0 of the first 200 sequential calls, then its share), and least-request picks are
+    # random pairs: call until each one has served, within a minute that a replica left out of
+    # the rotation would never meet.
     sent = 0
+    deadline = time.monotonic() + 60
     with grpc.insecure_channel(replicas.gateway.grpc_via_envoy) as channel:
         stub = pb_grpc.GlmServiceStub(channel)
-        while sent < 300:
+        while time.monotonic() < deadline:
             for _ in range(30):
                 stub.Tokenize(pb.TokenizeRequest(prompt=f"call {sent}"), timeout=30)
                 sent += 1
