@@ -158,13 +158,15 @@ class BackendHealth:
 class Supervisor:
     """The child processes and their lifecycle."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, workdir: Path | None = None) -> None:
+        """`workdir`: where the rendered files go (default: a new folder in the temp dir);
+        removed when the supervisor shuts down."""
         self.settings = settings
         self.replicas = [
             Replica(i, replica_settings(settings, i)) for i in range(settings.replicas)
         ]
         self._stop_requested = False
-        self._workdir = Path(tempfile.mkdtemp(prefix="glm-api-envoy-"))
+        self._workdir = workdir or Path(tempfile.mkdtemp(prefix="glm-api-envoy-"))
         self.envoy_config = self._workdir / "envoy.yaml"
         # With TLS: the server's certificate alone, and the client CAs plus it (see above).
         self.backend_cert = self._workdir / "backend-cert.pem"

@@ -152,8 +152,10 @@ def _exiting(code: int) -> subprocess.Popen[bytes]:
     return proc
 
 
-def test_a_dead_replica_is_started_again_after_a_pause(monkeypatch: pytest.MonkeyPatch) -> None:
-    supervisor = Supervisor(Settings(grpc_address="127.0.0.1:6000", replicas=2))
+def test_a_dead_replica_is_started_again_after_a_pause(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    supervisor = Supervisor(Settings(grpc_address="127.0.0.1:6000", replicas=2), tmp_path)
     started: list[int] = []
     monkeypatch.setattr(Replica, "start", lambda self: started.append(self.index))
     dead = supervisor.replicas[1]
@@ -169,7 +171,7 @@ def test_a_dead_replica_is_started_again_after_a_pause(monkeypatch: pytest.Monke
     assert dead.restarts == 1
 
 
-def test_a_replica_with_a_bad_config_stops_everything() -> None:
-    supervisor = Supervisor(Settings(grpc_address="127.0.0.1:6000", replicas=2))
+def test_a_replica_with_a_bad_config_stops_everything(tmp_path: Path) -> None:
+    supervisor = Supervisor(Settings(grpc_address="127.0.0.1:6000", replicas=2), tmp_path)
     supervisor.replicas[0].proc = _exiting(2)
     assert supervisor._check_replicas() == 1
