@@ -22,6 +22,7 @@ from server.engine.invariant_linear import (
 )
 from server.engine.kv_slots import SlotBatch
 from tests.integration.test_batching import TINY_MODELS, full_forward_logits, tiny, token_ids
+from tests.tiny_models import greedy_logits
 
 pytestmark = pytest.mark.skipif(
     not torch.backends.mkldnn.is_available(),  # type: ignore[no-untyped-call]
@@ -46,30 +47,13 @@ def onednn_batch(lm: torch.nn.Module) -> SlotBatch:
     return batch
 
 
-def greedy(batch: SlotBatch, placements: dict[int, int], steps: int) -> dict[int, list[Any]]:
-    """slot -> prompt length in; slot -> every step's logits out (then the slots are released)."""
-    seen: dict[int, list[Any]] = {}
-    nxt: dict[int, int] = {}
-    for slot, length in placements.items():
-        out = batch.prefill(slot, token_ids(length, length))
-        seen[slot] = [out]
-        nxt[slot] = int(out.argmax())
-    for _ in range(steps):
-        for slot, out in batch.decode(nxt).items():
-            seen[slot].append(out)
-            nxt[slot] = int(out.argmax())
-    for slot in placements:
-        batch.release(slot)
-    return seen
-
-
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_onednn_decode_is_batch_invariant_and_right(name: str) -> None:
     lm = tiny(name, "cpu", torch.float32)
     batch = onednn_batch(lm)
     lengths = [3, 17, 40, 63, 64, 90]
-    alone = {n: greedy(batch, {0: n}, 10)[0] for n in lengths}
-    together = greedy(batch, {7 - i: n for i, n in enumerate(lengths)}, 10)
+    alone = {n: greedy_logits(batch, {0: token_ids(n, n)}, 10)[0] for n in lengths}
+    together = greedy_logits(batch, {7 - i: token_ids(n, n) for i, n in enumerate(lengths)}, 10)
     for i, n in enumerate(lengths):
         for a, b in zip(alone[n], together[7 - i], strict=True):
             assert torch.equal(a, b), f"prompt of {n} tokens differs in a batch"
