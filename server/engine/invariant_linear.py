@@ -38,13 +38,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +73,17 @@ def _weight_first(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 _MKLDNN = bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
-# oneDNN's copy of each weight, laid out once in the blocked format its CPU kernels read (keyed by
-# the weight's id; the weak reference tells a reused id from the same tensor).
-_reordered: dict[int, tuple[weakref.ref[torch.Tensor], int, torch.Tensor]] = {}
+# oneDNN's copy of each weight, laid out once in the blocked format its CPU kernels read, with the
+# storage it was made from; an entry goes when its weight does.
+_reordered: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _onednn_weight(weight: torch.Tensor) -> torch.Tensor:
-    found = _reordered.get(id(weight))
-    if found is not None and found[0]() is weight and found[1] == weight.data_ptr():
-        return found[2]
+    found = _reordered[weight] if weight in _reordered else None
+    if found is not None and found[0] == weight.data_ptr():
+        return found[1]  # type: ignore[no-any-return]
     reordered: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-    _reordered[id(weight)] = (weakref.ref(weight), weight.data_ptr(), reordered)
+    _reordered[weight] = (weight.data_ptr(), reordered)
     return reordered
 
 
@@ -127,13 +127,13 @@ def _forget_unused(causal_lm: torch.nn.Module, plans: dict[ShapeKey, LinearPlan]
     kept = 0
     for m in _linears(causal_lm):
         plan = plans.get(shape_key(m))
-        found = _reordered.get(id(m.weight))
-        if found is None or found[0]() is not m.weight:
+        found = _reordered[m.weight] if m.weight in _reordered else None
+        if found is None:
             continue
         if plan is not None and plan.kernel == "onednn":
-            kept += found[2].nbytes
+            kept += found[1].nbytes
         else:
-            del _reordered[id(m.weight)]
+            del _reordered[m.weight]
     return kept
 
 
