@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -75,13 +75,13 @@ def _weight_first(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 _MKLDNN = bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
 # oneDNN's copy of each weight, laid out once in the blocked format its CPU kernels read, with the
 # storage it was made from; an entry goes when its weight does.
-_reordered: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_reordered: MutableMapping[torch.Tensor, tuple[int, torch.Tensor]] = WeakIdKeyDictionary()
 
 
 def _onednn_weight(weight: torch.Tensor) -> torch.Tensor:
-    found = _reordered[weight] if weight in _reordered else None
+    found = _reordered.get(weight)
     if found is not None and found[0] == weight.data_ptr():
-        return found[1]  # type: ignore[no-any-return]
+        return found[1]
     reordered: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
     _reordered[weight] = (weight.data_ptr(), reordered)
     return reordered
@@ -127,7 +127,7 @@ def _forget_unused(causal_lm: torch.nn.Module, plans: dict[ShapeKey, LinearPlan]
     kept = 0
     for m in _linears(causal_lm):
         plan = plans.get(shape_key(m))
-        found = _reordered[m.weight] if m.weight in _reordered else None
+        found = _reordered.get(m.weight)
         if found is None:
             continue
         if plan is not None and plan.kernel == "onednn":
