@@ -124,13 +124,9 @@ def replica_capacity(specs: tuple[ModelSpec, ...]) -> int:
     return chat + SHORT_CALLS_PER_REPLICA
 
 
-def max_requests_for(settings: Settings, replicas: int) -> int:
-    """Envoy's circuit breaker for `replicas` servers of the models in settings.config."""
-    return replicas * retry_concurrency_for(settings)
-
-
-def retry_concurrency_for(settings: Settings) -> int:
-    """The retries Envoy allows at once at least: one server's capacity for settings.config."""
+def capacity_for(settings: Settings) -> int:
+    """One server's replica_capacity() for the models in settings.config: Envoy's circuit
+    breaker holds that many calls per server, and its retries may use as many at once."""
     return replica_capacity(load_model_specs(settings.config))
 
 
@@ -160,6 +156,7 @@ def target_from_settings(
             backend_trust_file=str(backend_trust_file or Path(settings.tls_cert_file).resolve()),
             sds_dir=None if sds_dir is None else str(sds_dir),
         )
+    capacity = capacity_for(settings)
     return EnvoyTarget(
         listen_host=settings.http_host,
         listen_port=settings.http_port,
@@ -172,8 +169,8 @@ def target_from_settings(
         allowed_hosts=settings.http_allowed_host_list,
         max_connections=settings.http_max_connections,
         backend_count=settings.replicas,
-        max_requests=max_requests_for(settings, settings.replicas),
-        retry_concurrency=retry_concurrency_for(settings),
+        max_requests=settings.replicas * capacity,
+        retry_concurrency=capacity,
         admin_socket=str((sds_dir or Path("/tmp")) / "glm-api-envoy-admin.sock"),
         page_dir=str(PAGE_DIR) if settings.chat_page else None,
     )
@@ -197,6 +194,7 @@ def compose_target(settings: Settings) -> EnvoyTarget:
     explicit_hosts = tuple(
         h.strip().lower() for h in settings.http_allowed_hosts.split(",") if h.strip()
     )
+    capacity = capacity_for(settings)
     return EnvoyTarget(
         listen_host="0.0.0.0",
         listen_port=8100,
@@ -215,8 +213,8 @@ def compose_target(settings: Settings) -> EnvoyTarget:
         allowed_hosts=explicit_hosts or ("*",),
         max_connections=settings.http_max_connections,
         health_port=COMPOSE_HEALTH_PORT,
-        max_requests=max_requests_for(settings, max(settings.replicas, MAX_SCALED_REPLICAS)),
-        retry_concurrency=retry_concurrency_for(settings),
+        max_requests=max(settings.replicas, MAX_SCALED_REPLICAS) * capacity,
+        retry_concurrency=capacity,
         page_dir=COMPOSE_PAGE_DIR if settings.chat_page else None,
     )
 
