@@ -108,7 +108,7 @@ envoy-config: $(STAMP) ## Regenerate the Envoy configs docker-compose and Kubern
 	$(PY) -m gateway render --kubernetes > $(K8S_ENVOY)/envoy.yaml
 	cp $(DESCRIPTOR) $(K8S_ENVOY)/glm_v1.binpb
 
-test: $(STAMP) ## Run the test suite (real models, real servers on free ports).
+test: $(STAMP) $(DEPLOY_STAMP) ## Run the test suite (real models, real servers on free ports).
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## Run the fast tier (unit tests, tiny in-process models): the inner loop.
