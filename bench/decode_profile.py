@@ -84,6 +84,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=0, help="also print the N costliest operators")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
     parser.add_argument("--quantize", default="none", help="the model's quantize option")
+    parser.add_argument(
+        "--no-lean",
+        action="store_true",
+        help="decode with the model's own forward, not the lean pass",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,8 +96,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     model = _default_model(args.quantize)
     sizes = [int(r) for r in args.rows.split(",")]
-    batch = SlotBatch(model.causal_lm, model.device, max(sizes), 256)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    batch = SlotBatch(model.causal_lm, model.device, max(sizes), 256, lean_decode=not args.no_lean)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{'lean' if batch.lean else 'the model' + chr(39) + 's own'} decode passes",
+        flush=True,
+    )
     for key, plan in batch.linear_plans.items():
         at_max = plan.calls[max(sizes)] if max(sizes) <= plan.max_rows else "one call"
         print(f"  linear {key[0]}: {plan.kernel}, {max(sizes)} rows as calls {at_max}")

@@ -95,6 +95,10 @@ class ModelSpec:
     # reused by later prompts that start the same way (server/engine/prefix_cache.py); 0 turns
     # it off. Reuse gives the same bits as computing, so greedy output does not change.
     prefix_cache_mb: int = 128
+    # Chat: decode passes of Llama-family models in few operations per layer
+    # (server/engine/lean_decode.py), checked against the model's own forward when the batch
+    # opens; false always runs the model's own forward.
+    lean_decode: bool = True
     # Chat on a CPU: "int8" stores the linear layers' weights as int8, checked against the
     # float32 logits when the model loads (server/models/int8_linear.py); "none" keeps the dtype.
     quantize: str = "none"
@@ -170,6 +174,8 @@ def _spec_from_table(table: dict[str, Any], index: int) -> ModelSpec:
         raise ConfigError(f"{where}: 'quantize' must be one of {sorted(_QUANTIZE)} (chat models)")
     if not isinstance(spec.prefix_cache_mb, int) or spec.prefix_cache_mb < 0:
         raise ConfigError(f"{where}: 'prefix_cache_mb' must be a non-negative integer")
+    if not isinstance(spec.lean_decode, bool):
+        raise ConfigError(f"{where}: 'lean_decode' must be true or false")
     if not isinstance(spec.unpadded, bool):
         raise ConfigError(f"{where}: 'unpadded' must be true or false")
     if spec.max_waiting < 0 or spec.batch_wait_ms < 0:

@@ -94,6 +94,7 @@ _ENGINE_FIELDS = frozenset(
         "batch_wait_ms",
         "max_batch_tokens",
         "prefix_cache_mb",
+        "lean_decode",
     }
 )
 _ENGINE_DEFAULTS = {

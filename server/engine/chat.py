@@ -67,6 +67,7 @@ class ChatEngine:
         max_wait_s: float = 0.0,
         observer: EngineObserver | None = None,
         prefix_cache_bytes: int = 0,
+        lean_decode: bool = True,
     ) -> None:
         self._model = model
         self._max_concurrent = max_concurrent
@@ -95,6 +96,7 @@ class ChatEngine:
             max_wait_s=max_wait_s,
             observer=report if observer is not None else None,
             prefix_cache_bytes=prefix_cache_bytes,
+            lean_decode=lean_decode,
         )
 
     @property

@@ -30,7 +30,8 @@ rows here). A chunk run alone needs only be deterministic; chunks of several pro
 one pass (cheaper per token: 225 rows in one pass cost about 0.6 of five 45-row passes here)
 only where a row's bits do not depend on the pass's size either. `shared_pass_min_rows` probes from
 which size on that holds (MKL here: 12 rows and more give a row one result; 9-11 rows do not even
-give a row the same result in another place of the call).
+give a row the same result in another place of the call); chunks run alone where two chunks of
+that size would not fit one pass.
 """
 
 from __future__ import annotations
@@ -121,11 +122,11 @@ def _copies_fit(layers: Iterable[torch.nn.Linear]) -> bool:
     return False
 
 
-def _forget_unused(causal_lm: torch.nn.Module, plans: dict[ShapeKey, LinearPlan]) -> int:
-    """Drop the reordered weights of `causal_lm` that no plan reads (timing the candidates
+def _forget_unused(modules: Iterable[torch.nn.Linear], plans: dict[ShapeKey, LinearPlan]) -> int:
+    """Drop the reordered weights of `modules` that no plan reads (timing the candidates
     reordered them all); returns the bytes the kept ones hold."""
     kept = 0
-    for m in _linears(causal_lm):
+    for m in modules:
         plan = plans.get(shape_key(m))
         found = _reordered.get(m.weight)
         if found is None:
@@ -251,11 +252,11 @@ def _linears(causal_lm: torch.nn.Module) -> Iterable[torch.nn.Linear]:
 
 
 def _by_shape(
-    causal_lm: torch.nn.Module, skip: torch.nn.Module | None = None
+    modules: Iterable[torch.nn.Linear], skip: torch.nn.Module | None = None
 ) -> dict[ShapeKey, list[torch.nn.Linear]]:
-    """The linear layers of `causal_lm` (but `skip`) grouped by the plan they share."""
+    """The linear layers `modules` (but `skip`) grouped by the plan they share."""
     by_shape: dict[ShapeKey, list[torch.nn.Linear]] = {}
-    for m in _linears(causal_lm):
+    for m in modules:
         if m is not skip:
             by_shape.setdefault(shape_key(m), []).append(m)
     return by_shape
@@ -443,17 +444,24 @@ def _fastest_large(
 
 @torch.inference_mode()
 def choose_plans(
-    causal_lm: torch.nn.Module, max_rows: int, max_pass_rows: int = 0
+    causal_lm: torch.nn.Module,
+    max_rows: int,
+    max_pass_rows: int = 0,
+    extra: torch.nn.Module | None = None,
 ) -> dict[ShapeKey, LinearPlan]:
     """The fastest batch-invariant plan per weight shape for passes of 1..max_rows rows.
 
-    Larger passes (prompt chunks, up to `max_pass_rows` rows) get the kernel faster there.
+    Larger passes (prompt chunks, up to `max_pass_rows` rows) get the kernel faster there. The
+    linear layers of `extra` (a decode pass's fused projections) are planned too.
     """
-    by_shape = _by_shape(causal_lm)
+    modules = list(_linears(causal_lm))
+    if extra is not None:
+        modules += _linears(extra)
+    by_shape = _by_shape(modules)
     output = _output_layer(causal_lm)
     sizes = _call_sizes(max_rows)
     kernels = list(KERNELS)
-    if "onednn" in kernels and not _copies_fit(_linears(causal_lm)):
+    if "onednn" in kernels and not _copies_fit(modules):
         kernels.remove("onednn")
         log.info(
             "decode linear layers: no oneDNN candidate (a second copy of the weights would "
@@ -507,7 +515,7 @@ def choose_plans(
             f"({sum(per_n) / max_rows * 1000:.1f} ms per average pass), {large} beyond"
         )
     log.info("decode linear layers: %s", "; ".join(summary))
-    kept = _forget_unused(causal_lm, plans)
+    kept = _forget_unused(modules, plans)
     if kept:
         log.info("decode linear layers: oneDNN's reordered weights hold %.0f MiB", kept / 2**20)
     return plans
@@ -562,7 +570,8 @@ def shared_pass_min_rows(
     layer is not probed: a prefill pass gives it only each chunk's last row, a decode-sized pass.
     """
     by_shape = {
-        key: layers[0] for key, layers in _by_shape(causal_lm, _output_layer(causal_lm)).items()
+        key: layers[0]
+        for key, layers in _by_shape(_linears(causal_lm), _output_layer(causal_lm)).items()
     }
     if not by_shape or not plans:
         return None
@@ -591,5 +600,13 @@ def shared_pass_min_rows(
             log.info("prompt chunks run alone: %s gives other bits at every pass size", key[0])
             return None
         needed = max(needed, found)
+    if 2 * needed > max_pass_rows:
+        log.info(
+            "prompt chunks run alone: only chunks of %d+ tokens get one result, and two of them "
+            "do not fit a pass of %d",
+            needed,
+            max_pass_rows,
+        )
+        return None
     log.info("prompt chunks of %d+ tokens share prefill passes (up to %d)", needed, max_pass_rows)
     return needed

@@ -56,6 +56,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from server.engine.attention import decode_attention
 from server.engine.batching import SequenceBatch
 from server.engine.device_profile import DeviceProfile, available_bytes, profile_for
 from server.engine.invariant_linear import (
@@ -65,6 +66,7 @@ from server.engine.invariant_linear import (
     install,
     shared_pass_min_rows,
 )
+from server.engine.lean_decode import LeanDecoder
 from server.errors import ResourceExhaustedError
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,10 @@ _GROW = 256
 # it grows; the rest is left to the activations of the passes.
 _KV_SHARE = 0.9
 _GIB = 1 << 30
+# The prompt the lean decode pass is checked on (token ids every vocabulary has), and how far its
+# logits may be from the model's forward's, as a share of their range: (half, full precision).
+_CHECK_PROMPT = tuple(range(1, 33))
+_LEAN_TOLERANCE = {False: 2e-2, True: 1e-4}
 
 
 class KVMemoryError(ResourceExhaustedError):
@@ -208,22 +214,9 @@ def _attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     assert attention_mask is not None
-    batch, heads, q_len, dim = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[2]
-    group = heads // kv_heads
-    scale = dim**-0.5 if scaling is None else scaling
-    # Query heads that share a key/value head (grouped-query attention) are stacked on the query
-    # axis, so the keys and values are read as they are rather than repeated for every head.
-    # Scaled before the product: in float16 an unscaled q·k can pass the largest float16 (inf,
-    # then NaN after the softmax) where the scaled score is an ordinary number.
-    grouped = (query * scale).reshape(batch, kv_heads, group * q_len, dim)
-    scores = torch.matmul(grouped, key.transpose(2, 3))
-    # mask (batch, 1, q, kv) -> (batch, 1, 1, q, kv) against scores (batch, kv_heads, group, q, kv).
-    scores = scores.view(batch, kv_heads, group, q_len, kv_len) + attention_mask.unsqueeze(2)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-    out = torch.matmul(probs.view(batch, kv_heads, group * q_len, kv_len), value)
+    out = decode_attention(query, key, value, attention_mask, scaling)
     # (batch, heads, q, dim) -> (batch, q, heads, dim), the layout attention functions return.
-    return out.view(batch, heads, q_len, -1).transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(ATTENTION, _attention)
@@ -439,6 +432,7 @@ class SlotBatch(SequenceBatch):
         max_sequences: int,
         max_pass_tokens: int = 0,
         profile: DeviceProfile | None = None,
+        lean_decode: bool = True,
     ) -> None:
         super().__init__(max_sequences)
         self._lm = causal_lm
@@ -471,8 +465,21 @@ class SlotBatch(SequenceBatch):
         # Where transformers picks the kept positions out of the last hidden states: the last
         # device of a model split over several.
         self._hidden_device = _hidden_states_device(causal_lm, device)
-        self._linear_plans = choose_plans(causal_lm, max_sequences, max_pass_tokens)
+        # Decode passes in few operations (server/engine/lean_decode.py): only where decode
+        # attention is `_attention`'s, which the lean pass computes the same way.
+        self._lean: LeanDecoder | None = None
+        if lean_decode and config._attn_implementation == ATTENTION:
+            built = LeanDecoder.build(causal_lm)
+            if isinstance(built, str):
+                log.info("decode passes: the model's own forward (%s)", built)
+            else:
+                self._lean = built
+        self._linear_plans = choose_plans(
+            causal_lm, max_sequences, max_pass_tokens, extra=self._lean
+        )
         install(causal_lm, self._linear_plans)
+        if self._lean is not None:
+            install(self._lean, self._linear_plans)
         # Chunks share a pass only where both their linear layers (probed) and their attention
         # (`_attention`, one call per chunk) give the bits they have alone.
         self._shared_min: int | None = None
@@ -481,6 +488,48 @@ class SlotBatch(SequenceBatch):
         # Tokens held by each row.
         self._lengths = [0] * max_sequences
         self._rows = 0
+        if self._lean is not None:
+            self._check_lean()
+
+    def _check_lean(self) -> None:
+        """Keep the lean decode pass only where it gives the model's own decode logits.
+
+        Both passes decode the same token after the same prompt, in slot 0 (then freed); they
+        may differ by rounding where a fused projection's BLAS call sums in another order.
+        """
+        lean, self._lean = self._lean, None
+        assert lean is not None
+        try:
+            self.prefill(0, _CHECK_PROMPT)
+            own = self.decode({0: _CHECK_PROMPT[-1]})[0]
+            self._lengths[0] -= 1
+            self._lean = lean
+            fast = self.decode({0: _CHECK_PROMPT[-1]})[0]
+        finally:
+            self.release(0)
+        spread = float(own.max() - own.min()) or 1.0
+        error = float((own - fast).abs().max()) / spread
+        tolerance = _LEAN_TOLERANCE[self._dtype in (torch.float32, torch.float64)]
+        if not error <= tolerance:
+            self._lean = None
+            log.warning(
+                "decode passes: the model's own forward (the lean pass's logits differ from it by "
+                "%.2g of their range, more than %.0g)",
+                error,
+                tolerance,
+            )
+            return
+        log.info(
+            "decode passes: lean, %d fused projections (logits within %.2g of the model's "
+            "forward's range)",
+            len(lean.fused),
+            error,
+        )
+
+    @property
+    def lean(self) -> bool:
+        """Whether decode passes run the lean pass (server/engine/lean_decode.py)."""
+        return self._lean is not None
 
     @property
     def decode_rows(self) -> int:
@@ -638,9 +687,14 @@ class SlotBatch(SequenceBatch):
         keys = torch.arange(kv_len, device=self._device).unsqueeze(0)
         visible = (keys <= positions) & (real | (keys == positions))
         self._cache.plan = _Plan(0, rows, positions, kv_len)
-        logits = self._run(
-            ids, self._mask(visible)[:, None, None, :], positions, kv_slots_decode=True
-        )
+        mask = self._mask(visible)[:, None, None, :]
+        if self._lean is not None and all(m.is_initialized for m in self._cache.slot_layers()):
+            memory = [(layer.keys, layer.values) for layer in self._cache.slot_layers()]
+            rows_index = torch.arange(rows, device=self._device).unsqueeze(1)
+            logits = self._lean.decode(ids, positions, mask, memory, rows_index)
+            self.forward_passes += 1
+        else:
+            logits = self._run(ids, mask, positions, kv_slots_decode=True)
         self._rows = rows
         for slot in tokens:
             self._lengths[slot] += 1

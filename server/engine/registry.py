@@ -162,6 +162,7 @@ class ModelRegistry:
             max_wait_s=spec.batch_wait_ms / 1000.0,
             observer=self.observer(spec.id),
             prefix_cache_bytes=spec.prefix_cache_mb << 20,
+            lean_decode=spec.lean_decode,
         )
 
     def observer(self, model_id: str) -> EngineObserver:

@@ -124,9 +124,11 @@ def test_chunks_sharing_a_prefill_pass_get_the_bits_they_get_alone(
         lm, torch.device(device), max_sequences=8, max_pass_tokens=256, profile=profile
     )
     shared_min = batch.shared_prefill_min_tokens
-    if device == "cuda" and shared_min is None:
-        pytest.skip("no pass size gives a row the same bits on this GPU: chunks run alone")
-    # MKL on these machines: 12 rows and more give a row one result (probed when opened).
+    if (device == "cuda" or dtype != torch.float32) and shared_min is None:
+        # Half-precision probes see more summation orders: on some machines only passes near
+        # the largest size give a row one result, too large for two chunks.
+        pytest.skip(f"no pass size lets two chunks share a pass on {device} in {dtype}")
+    # MKL on these machines, float32: 9-12 rows and more give a row one result (probed).
     assert shared_min is not None
     assert shared_min > batch.max_sequences
     lengths = [shared_min, 17, 40, 63, 64]
