@@ -520,8 +520,9 @@ class SlotBatch(SequenceBatch):
             )
             return
         log.info(
-            "decode passes: lean, %d fused projections (logits within %.2g of the model's "
-            "forward's range)",
+            "decode passes: lean, %d of %d projection groups fused (logits within %.2g of the "
+            "model's forward's range)",
+            sum(isinstance(m, torch.nn.Linear) for m in lean.fused),
             len(lean.fused),
             error,
         )

@@ -17,9 +17,9 @@ against each other on a prompt when it opens and keeps the model's forward where
 than rounding.
 
 Supported: decoder-only models with Llama's layer structure (Llama, Mistral without a sliding
-window, Qwen2), all their weights on one device. Anything else, or a model whose projections are
-not plain `torch.nn.Linear` layers of one dtype (int8 weights), keeps the model's own forward;
-`build` says why.
+window, Qwen2), all their weights on one device. Projections that are not plain `torch.nn.Linear`
+layers (int8 weights) are called one by one instead of fused. Anything else keeps the model's own
+forward; `build` says why.
 """
 
 from __future__ import annotations
@@ -97,6 +97,26 @@ def _adjacent(weights: Sequence[torch.Tensor]) -> torch.Tensor | None:
     return first.as_strided((rows, first.shape[1]), (first.shape[1], 1))
 
 
+class _Side(torch.nn.Module):
+    """Projections that cannot be fused (not plain linear layers), called one after another."""
+
+    def __init__(self, parts: Sequence[torch.nn.Module]) -> None:
+        super().__init__()
+        self.parts = torch.nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
+def _fused_or_side(modules: Sequence[Any]) -> torch.nn.Module | str:
+    """`_fuse(modules)`; projections of another type (int8) side by side, unfused."""
+    if all(type(m) is torch.nn.Linear for m in modules):
+        return _fuse(modules)
+    if all(isinstance(m, torch.nn.Module) and callable(m) for m in modules):
+        return _Side(modules)
+    return "projections are not modules"
+
+
 def _fuse(modules: Sequence[Any]) -> torch.nn.Linear | str:
     """One linear layer computing `modules`' outputs side by side, or why there is none.
 
@@ -148,7 +168,7 @@ class LeanDecoder(torch.nn.Module):
     (server/engine/invariant_linear.py) can be chosen for and installed on them like the model's.
     """
 
-    def __init__(self, causal_lm: Any, layers: list[_Layer], fused: list[torch.nn.Linear]) -> None:
+    def __init__(self, causal_lm: Any, layers: list[_Layer], fused: list[torch.nn.Module]) -> None:
         super().__init__()
         base = causal_lm.get_decoder()
         self.fused = torch.nn.ModuleList(fused)
@@ -183,7 +203,7 @@ class LeanDecoder(torch.nn.Module):
         if _norm(base.norm) is None or causal_lm.get_output_embeddings() is None:
             return "the final norm or the output layer is not Llama's"
         layers: list[_Layer] = []
-        fused: list[torch.nn.Linear] = []
+        fused: list[torch.nn.Module] = []
         for decoder_layer in base.layers:
             attn, mlp = decoder_layer.self_attn, decoder_layer.mlp
             extra = [n for n in ("q_norm", "k_norm", "sinks") if hasattr(attn, n)]
@@ -193,10 +213,10 @@ class LeanDecoder(torch.nn.Module):
             mlp_norm = _norm(decoder_layer.post_attention_layernorm)
             if attention_norm is None or mlp_norm is None:
                 return "a layer norm is not an RMSNorm"
-            qkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+            qkv = _fused_or_side([attn.q_proj, attn.k_proj, attn.v_proj])
             if isinstance(qkv, str):
                 return qkv
-            gate_up = _fuse([mlp.gate_proj, mlp.up_proj])
+            gate_up = _fused_or_side([mlp.gate_proj, mlp.up_proj])
             if isinstance(gate_up, str):
                 return gate_up
             fused += [qkv, gate_up]

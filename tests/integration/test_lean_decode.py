@@ -75,12 +75,23 @@ def test_other_models_keep_their_own_forward(caplog: pytest.LogCaptureFixture) -
     glm = SlotBatch(tiny_glm(), torch.device("cpu"), max_sequences=4)
     assert not glm.lean
     assert "GlmForCausalLM is not one of" in caplog.text
-    int8 = tiny_llama()
-    quantize_linears(int8)
-    reason = LeanDecoder.build(int8)
-    assert isinstance(reason, str)
-    assert "Int8Linear" in reason
-    assert not SlotBatch(int8, torch.device("cpu"), max_sequences=4).lean
+
+
+def test_int8_projections_run_unfused() -> None:
+    lm = tiny_llama()
+    quantize_linears(lm)
+    lean = SlotBatch(lm, torch.device("cpu"), max_sequences=8)
+    assert lean.lean
+    own = SlotBatch(lm, torch.device("cpu"), max_sequences=8, lean_decode=False)
+    alone = decoded(lean)
+    reference = decoded(own)
+    for n in LENGTHS:
+        for a, b in zip(alone[n], reference[n], strict=True):
+            assert torch.equal(a, b), f"prompt of {n} tokens differs from the model's forward"
+    together = greedy_logits(lean, {7 - i: token_ids(n, n) for i, n in enumerate(LENGTHS)}, 10)
+    for i, n in enumerate(LENGTHS):
+        for a, b in zip(alone[n], together[7 - i], strict=True):
+            assert torch.equal(a, b), f"prompt of {n} tokens differs in a batch"
 
 
 def test_a_lean_pass_that_disagrees_is_not_used(
