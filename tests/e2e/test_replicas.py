@@ -7,9 +7,10 @@ stopped with SIGTERM costs no call at all (it leaves the rotation before it stop
 what it runs). Either way the supervisor starts it again and it rejoins. /healthz says how many
 replicas serve.
 
-A stream cut by its replica's death ends with the reset Envoy forwards once the reply has begun
-(no retry is possible then): grpc reports it as INTERNAL, "Received RST_STREAM with error code
-2", rather than UNAVAILABLE; the test accepts either for those streams, and only for those.
+A stream cut by its replica's death ends with the reset Envoy sends once the reply has begun (no
+retry is possible then, and no Envoy setting sends UNAVAILABLE instead): grpc reports it as
+INTERNAL, "Received RST_STREAM with error code 2", and the project's client (clients.GlmClient,
+which the Chat streams here use) as UNAVAILABLE, what a direct connection that broke would say.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.replicas import child_serving, consecutive_free_ports
+from clients import GlmClient, GlmClientError
 from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
 from tests.e2e.conftest import Gateway, start_gateway, stop_gateway, wait_healthy
@@ -178,22 +180,17 @@ class Load:
                         self.embed_ok.append(time.monotonic())
 
     def _chat(self, max_tokens: int) -> None:
-        request = pb.ChatRequest(
-            model=CHAT_MODEL, messages=STORY, temperature=0, max_tokens=max_tokens
-        )
         outcome = "OK"
-        with grpc.insecure_channel(self.target) as channel:
-            stream = pb_grpc.GlmServiceStub(channel).Chat(request, timeout=300)
+        with GlmClient(self.target, timeout=300) as client:
+            stream = client.chat(STORY, model=CHAT_MODEL, temperature=0, max_tokens=max_tokens)
             started = False
             try:
                 for _ in stream:
                     if not started:
                         started = True
                         self.chat_started.release()
-            except grpc.RpcError as exc:
-                outcome = str(exc.code().name)
-                if exc.code() == grpc.StatusCode.INTERNAL and "RST_STREAM" in str(exc.details()):
-                    outcome = "RESET"
+            except GlmClientError as exc:
+                outcome = exc.code.name
             if not started:
                 self.chat_started.release()
         with self.lock:
@@ -265,10 +262,11 @@ def test_calls_spread_over_every_replica(replicas: Replicas) -> None:
         ]
 
     before = tokenize_calls()
-    # Envoy sends a replica no call for several seconds after its health checks first pass
-    # (seen: 0 of the first 200 sequential calls, then its share), and least-request picks are
-    # random pairs: call until each one has served, within a minute that a replica left out of
-    # the rotation would never meet.
+    # Least-request picks are random pairs, and on a busy machine a health check that times out
+    # takes a replica out of the rotation for a while: call until each one has served, within a
+    # minute that a replica left out of the rotation would never meet. (Envoy's merge window
+    # once kept a replica that had just turned healthy out of the first 200 calls; the rendered
+    # config turns it off, tests/unit/test_replicas_config.py.)
     sent = 0
     deadline = time.monotonic() + 60
     with grpc.insecure_channel(replicas.gateway.grpc_via_envoy) as channel:
@@ -298,11 +296,10 @@ def test_sigkill_costs_only_the_streams_on_that_replica(replicas: Replicas) -> N
     assert degraded["status"] == "degraded"
     assert load.embed_failed == []
     assert any(t > killed + 1 for t in load.embed_ok), "no Embed call was served after the kill"
-    # The streams on the killed replica end (UNAVAILABLE, or the reset grpc calls INTERNAL);
-    # the others are not disturbed.
+    # The streams on the killed replica end with UNAVAILABLE; the others are not disturbed.
     cut = int(running[victim])
     assert load.chats.count("OK") == 3 - cut, (running, load.chats)
-    assert {c for c in load.chats if c != "OK"} <= {"UNAVAILABLE", "RESET"}, load.chats
+    assert load.chats.count("UNAVAILABLE") == cut, (running, load.chats)
     # The supervisor starts it again, and Envoy sends it calls once it serves.
     replicas.wait_all_serving()
     log = replicas.gateway.log_text()

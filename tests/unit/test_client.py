@@ -274,6 +274,53 @@ def test_client_error_formats_and_pickles() -> None:
     assert (bare.code, bare.message) == (grpc.StatusCode.UNKNOWN, "odd failure")
 
 
+class FailedCall(grpc.RpcError):
+    """A failed call as a channel reports it: a code and details."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+# What grpc reports for a stream Envoy cut after its reply began (the replica behind it died).
+PROXY_CUT = "Stream removed (RST_STREAM (Received RST_STREAM with error code 2))"
+
+
+def test_a_stream_cut_by_the_proxy_is_unavailable_and_keeps_grpcs_code() -> None:
+    error = GlmClientError.from_rpc_error(FailedCall(grpc.StatusCode.INTERNAL, PROXY_CUT))
+    assert (error.code, error.message) == (grpc.StatusCode.UNAVAILABLE, PROXY_CUT)
+    assert error.grpc_code is grpc.StatusCode.INTERNAL
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.code, copy.message, copy.grpc_code) == (
+        grpc.StatusCode.UNAVAILABLE,
+        PROXY_CUT,
+        grpc.StatusCode.INTERNAL,
+    )
+
+
+@pytest.mark.parametrize(
+    ("code", "details"),
+    [
+        # The server's own INTERNAL status (a bug), and resets with other HTTP/2 codes.
+        (grpc.StatusCode.INTERNAL, "an incident id"),
+        (grpc.StatusCode.INTERNAL, "Received RST_STREAM with error code 0"),
+        (grpc.StatusCode.INTERNAL, "Received RST_STREAM with error code 1"),
+        (grpc.StatusCode.INTERNAL, "Received RST_STREAM with error code 22"),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "Received RST_STREAM with error code 11"),
+        (grpc.StatusCode.UNAVAILABLE, "Stream removed (Socket closed)"),
+    ],
+)
+def test_other_failures_keep_grpcs_code(code: grpc.StatusCode, details: str) -> None:
+    error = GlmClientError.from_rpc_error(FailedCall(code, details))
+    assert (error.code, error.grpc_code, error.message) == (code, code, details)
+
+
 def test_accumulator_handles_cumulative_chunks_and_whole_messages() -> None:
     acc = ChatAccumulator(chunk=False)
     pieces = [

@@ -17,6 +17,8 @@ import pytest
 import yaml
 
 from gateway.envoy_config import (
+    COMPOSE_CONFIG,
+    K8S_CONFIG,
     SHORT_CALLS_PER_REPLICA,
     render,
     replica_capacity,
@@ -93,6 +95,22 @@ def test_envoy_balances_over_every_replica_by_least_request() -> None:
     # Active gRPC health checks, and no panic mode sending calls to failing replicas.
     assert cluster["health_checks"][0]["grpc_health_check"]["service_name"] == "glm.v1.GlmService"
     assert cluster["common_lb_config"]["healthy_panic_threshold"]["value"] == 0
+
+
+def test_health_changes_reach_the_load_balancers_at_once() -> None:
+    # Envoy's default merge window held back a replica that turned healthy within a second of
+    # another: /healthz counted it while it got none of the next 200 calls.
+    for settings in (Settings(), Settings(grpc_address="127.0.0.1:6000", replicas=3)):
+        lb = backend(config_of(settings))["common_lb_config"]
+        assert lb["update_merge_window"] == "0s"
+    # The compose and Kubernetes configs come from the same template.
+    for rendered in (COMPOSE_CONFIG, K8S_CONFIG):
+        [cluster] = [
+            c
+            for c in yaml.safe_load(rendered.read_text())["static_resources"]["clusters"]
+            if c["name"] == "glm_backend"
+        ]
+        assert cluster["common_lb_config"]["update_merge_window"] == "0s"
 
 
 def test_circuit_breaker_is_sized_to_the_servers_queues() -> None:
