@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from server.engine.attention import decode_attention
+from server.models.int8_linear import Int8Linear, concatenated
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +110,13 @@ class _Side(torch.nn.Module):
 
 
 def _fused_or_side(modules: Sequence[Any]) -> torch.nn.Module | str:
-    """`_fuse(modules)`; projections of another type (int8) side by side, unfused."""
+    """`_fuse(modules)`, or int8 layers concatenated; projections of other types side by side."""
     if all(type(m) is torch.nn.Linear for m in modules):
         return _fuse(modules)
+    if all(type(m) is Int8Linear for m in modules):
+        joined = concatenated(modules)
+        if joined is not None:
+            return joined
     if all(isinstance(m, torch.nn.Module) and callable(m) for m in modules):
         return _Side(modules)
     return "projections are not modules"

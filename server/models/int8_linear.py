@@ -24,7 +24,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Int8Linear", "logit_error", "quantize_linears"]
+__all__ = ["Int8Linear", "concatenated", "logit_error", "quantize_linears"]
 
 _ACTIVATION = torch.bfloat16
 # Rows the invariance check compares: one alone against the same row among many.
@@ -68,6 +68,56 @@ class Int8Linear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+# Byte alignment a part's weight keeps as a view into a concatenated layer's (see `concatenated`).
+_ALIGN = 64
+
+
+def concatenated(parts: Sequence[Int8Linear]) -> Int8Linear | None:
+    """One int8 layer computing `parts`' outputs side by side (their weights end to end), or None
+    where they differ in input size, dtype or bias, or a part's rows would start unaligned.
+
+    Each part's weight, scales and bias become views of the new layer's, so no memory is added.
+    Exact: the scales are per output row, so each part's rows keep their values.
+    """
+    first = parts[0]
+    if any(
+        p.in_features != first.in_features
+        or p.out_dtype != first.out_dtype
+        or (p.bias is None) != (first.bias is None)
+        for p in parts
+    ):
+        return None
+    if any(p.out_features * p.in_features % _ALIGN for p in parts[:-1]):
+        return None
+    layer = Int8Linear.__new__(Int8Linear)
+    torch.nn.Module.__init__(layer)
+    layer.in_features = first.in_features
+    layer.out_features = sum(p.out_features for p in parts)
+    layer.out_dtype = first.out_dtype
+    qweight = torch.cat([_tensor(p.qweight) for p in parts])
+    scales = torch.cat([_tensor(p.scales) for p in parts])
+    biases = [p.bias for p in parts if isinstance(p.bias, torch.Tensor)]
+    bias = torch.cat(biases) if biases else None
+    layer.register_buffer("qweight", qweight)
+    layer.register_buffer("scales", scales)
+    layer.register_buffer("bias", bias)
+    at = 0
+    for p in parts:
+        rows = p.out_features
+        p.qweight = qweight[at : at + rows]
+        p.scales = scales[at : at + rows]
+        if bias is not None:
+            p.bias = bias[at : at + rows]
+        at += rows
+    layer.row_by_row = not _row_invariant(layer)
+    return layer
+
+
+def _tensor(value: object) -> torch.Tensor:
+    assert isinstance(value, torch.Tensor)
+    return value
 
 
 def _row_invariant(layer: Int8Linear) -> bool:

@@ -77,11 +77,14 @@ def test_other_models_keep_their_own_forward(caplog: pytest.LogCaptureFixture) -
     assert "GlmForCausalLM is not one of" in caplog.text
 
 
-def test_int8_projections_run_unfused() -> None:
+def test_int8_projections_are_joined_too() -> None:
     lm = tiny_llama()
     quantize_linears(lm)
     lean = SlotBatch(lm, torch.device("cpu"), max_sequences=8)
     assert lean.lean
+    attn = lm.model.layers[0].self_attn
+    storage = attn.q_proj.qweight.untyped_storage().data_ptr()
+    assert attn.v_proj.qweight.untyped_storage().data_ptr() == storage
     own = SlotBatch(lm, torch.device("cpu"), max_sequences=8, lean_decode=False)
     alone = decoded(lean)
     reference = decoded(own)
