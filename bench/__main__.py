@@ -144,6 +144,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "scripts/llama_peer_gguf.sh writes glm-api's own float32 weights as f32 and q8_0"
         ),
     )
+    llama.add_argument(
+        "--llama-quantize",
+        choices=("none", "int8"),
+        default="none",
+        help="glm-api's quantize option in the llama part (int8: compare with a q8_0 GGUF)",
+    )
     envoy = parser.add_argument_group("envoy")
     envoy.add_argument(
         "--calls",

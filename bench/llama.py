@@ -190,13 +190,22 @@ def _ratio(ours: float | None, theirs: float | None) -> float | None:
 
 
 def run_llama(
-    *, binary: Path, gguf: Path, model_id: str, config: Path, tokens: int, say: Say
+    *,
+    binary: Path,
+    gguf: Path,
+    model_id: str,
+    config: Path,
+    tokens: int,
+    say: Say,
+    quantize: str = "none",
 ) -> dict[str, ServerFigures]:
-    """glm-api, then llama-server, each measured alone."""
+    """glm-api (its model's `quantize` option set), then llama-server, each measured alone."""
     results: dict[str, ServerFigures] = {}
     nonce = f"run {time.time_ns()}"
     with tempfile.TemporaryDirectory(prefix="glm-bench-llama-") as tmp:
-        cfg = chat_only_config(config, model_id, STREAMS, Path(tmp) / "chat-only.toml")
+        cfg = chat_only_config(
+            config, model_id, STREAMS, Path(tmp) / "chat-only.toml", quantize=quantize
+        )
         with ServerProcess(env={"GLM_CONFIG": str(cfg)}) as server:
             ready = server.wait_ready()
             say(f"  glm-api: python -m server on {server.target}, ready in {ready:.1f} s")
@@ -250,8 +259,10 @@ def run(args: argparse.Namespace, say: Say) -> Section:
     settings = server_settings()
     spec = default_spec(ModelKind.CHAT, settings)
     gguf = getattr(args, "llama_gguf", None) or package_gguf()
+    quantize = getattr(args, "llama_quantize", "none")
     say(
-        f"llama: glm-api ({spec.id}) against {binary} on {gguf.name}, one stream and "
+        f"llama: glm-api ({spec.id}, quantize {quantize}) against {binary} on {gguf.name}, "
+        "one stream and "
         f"{STREAMS} streams of {args.stream_tokens} tokens, first tokens cold and repeated"
     )
     results = run_llama(
@@ -261,10 +272,12 @@ def run(args: argparse.Namespace, say: Say) -> Section:
         config=settings.config,
         tokens=args.stream_tokens,
         say=say,
+        quantize=quantize,
     )
     figures: dict[str, Any] = {
         "binary": str(binary),
         "gguf": str(gguf),
+        "quantize": quantize,
         "servers": {name: vars_of(f) for name, f in results.items()},
     }
     return Section(figures, metrics(results))

@@ -515,11 +515,14 @@ def _toml_value(value: object) -> str:
     raise ValueError(f"cannot write {value!r} as a TOML scalar")
 
 
-def chat_only_config(source: Path, model_id: str, min_waiting: int, dest: Path) -> Path:
+def chat_only_config(
+    source: Path, model_id: str, min_waiting: int, dest: Path, quantize: str | None = None
+) -> Path:
     """A copy of one chat model's table from `source`, alone, as the server's config file.
 
     glm-api then holds only the model it is measured on (no embedding model), as a peer does,
     and its waiting queue is at least `min_waiting` long, so that no stream is refused.
+    `quantize`, when given, sets the model's quantize option.
     """
     with source.open("rb") as fh:
         tables = tomllib.load(fh).get("models", [])
@@ -528,6 +531,8 @@ def chat_only_config(source: Path, model_id: str, min_waiting: int, dest: Path) 
         raise LookupError(f"{source} has no model {model_id!r}")
     table["default"] = True
     table["max_waiting"] = max(int(table.get("max_waiting", 0)), min_waiting)
+    if quantize is not None:
+        table["quantize"] = quantize
     lines = ["[[models]]", *(f"{key} = {_toml_value(value)}" for key, value in table.items())]
     dest.write_text("\n".join(lines) + "\n")
     return dest
