@@ -1,13 +1,12 @@
 """A decode pass for Llama-family models in a few tensor operations per layer.
 
-Why: on a CPU, a decode pass of a small model is mostly overhead around its arithmetic. The
-model's own forward goes through transformers' modules, its mask and cache machinery and one
-linear call per projection: thousands of operator calls a pass, each costing microseconds of
-dispatch whatever its size. This pass does the same arithmetic with the same weights in about
-forty operations per layer: q/k/v in one linear call and gate/up in another (their weights laid
-end to end once, the model's own projections left as views of them, so no memory is added), the
-rotary embedding applied to queries and keys together, the keys and values written straight into
-the slots, and attention as `kv_slots` computes it in decode passes.
+Why: the model's own forward goes through transformers' modules, its mask and cache machinery
+and one linear call per projection: thousands of operator calls a pass, each costing dispatch time
+whatever its size, and small linear calls that each read their weight on their own. This pass does
+the same arithmetic with the same weights in fewer operations: q/k/v in one linear call and gate/up
+in another (their weights laid end to end once, the model's own projections left as views of them,
+so no memory is added), the rotary embedding applied to queries and keys together, the keys and
+values written straight into the slots, and attention as `kv_slots` computes it in decode passes.
 
 Same results: every operation is the one transformers runs, in the same order and on operands in
 the same layout (RMSNorm in float32, `x * cos + rotate_half(x) * sin`, the decode attention of
