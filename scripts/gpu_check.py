@@ -21,6 +21,9 @@ others still run. Random weights from the models' configs stand in for real ones
   growth refusing what does not fit; what fits for ChatGLM3-6B-32k.
 - embeddings: all-MiniLM-L6-v2 in float16 (bfloat16 on a CPU): packed vs padded passes, against
   float32, and repeatability run to run.
+- gpu_tests: the test suite's GPU-marked tests (`pytest -m gpu`; on a CPU they skip themselves).
+- bench_half: the chat and embed benchmarks (`python -m bench --only chat,embed`) with both
+  default models in float16 (bfloat16 on a CPU): server against in-process figures.
 
 Usage (from the project root)::
 
@@ -331,19 +334,18 @@ def op_invariance(ctx: Context) -> dict[str, Any]:
         for dtype in ctx.dtypes():
             for op, bad in _op_rows(ctx, dtype, generator).items():
                 table.setdefault(op, {})[_name(dtype)] = bad
-    # What the engine relies on: its plans, its decode products and attention, and RMSNorm's
-    # float32 reduction (its float32 row shows the order of that reduction whatever the dtype).
-    relied = (
-        "linear (engine plan)",
-        "decode q·kᵀ (matmul)",
-        "decode probs·v (matmul)",
-        "attention (engine decode)",
-    )
+    # What the engine relies on: its plans and its decode attention in every dtype, and in
+    # float32 the attention's two products alone and RMSNorm's reduction (its float32 row shows
+    # the order of that reduction whatever the dtype). The products alone in half precision are
+    # reported only: on some CPUs (AMX) a bare bfloat16 product differs with the row count while
+    # the engine's whole decode attention, the promise, stays invariant.
+    relied = ("linear (engine plan)", "attention (engine decode)")
+    float32_only = ("rmsnorm", "decode q·kᵀ (matmul)", "decode probs·v (matmul)")
     checks = {
         f"{op} batch-invariant in {d}": not bad
         for op, by_dtype in table.items()
         for d, bad in by_dtype.items()
-        if op in relied or (op == "rmsnorm" and d == "float32")
+        if op in relied or (op in float32_only and d == "float32")
     }
     return {"differs_at_rows": table, "checks": checks}
 
@@ -820,6 +822,108 @@ def embeddings(ctx: Context) -> dict[str, Any]:
     return out
 
 
+def _tail(text: str, lines: int = 8) -> list[str]:
+    return text.strip().splitlines()[-lines:]
+
+
+def gpu_tests(ctx: Context) -> dict[str, Any]:
+    """The suite's GPU-marked tests on this machine, within what is left of the budget."""
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
+    if ctx.quick:
+        command.append("tests/integration/test_devices.py")
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": ctx.device_name.partition(":")[2] or "0"}
+    if not ctx.cuda:
+        env.pop("CUDA_VISIBLE_DEVICES")
+    done = subprocess.run(
+        command,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=max(30.0, ctx.left_s - 60),
+    )
+    last = _tail(done.stdout, 1)[0] if done.stdout.strip() else ""
+    counts = {
+        word: int(number)
+        for number, word in (
+            part.strip().split(" ")[:2] for part in last.strip("= ").split(" in ")[0].split(",")
+        )
+        if number.isdigit()
+    }
+    out: dict[str, Any] = {"command": " ".join(command[1:]), "counts": counts, "summary": last}
+    if done.returncode not in (0, 5):  # 5: no test collected
+        out["output_tail"] = _tail(done.stdout, 20)
+    out["checks"] = {
+        "no GPU-marked test failed": done.returncode in (0, 5) and not counts.get("failed", 0),
+        "GPU-marked tests ran" if ctx.cuda else "GPU-marked tests skip on a CPU": (
+            counts.get("passed", 0) > 0 if ctx.cuda else counts.get("passed", 0) == 0
+        ),
+    }
+    return out
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def half_config(source: Path, dtype: str, dest: Path) -> Path:
+    """A copy of the models file `source` with every model's dtype set to `dtype`."""
+    import tomllib
+
+    with source.open("rb") as fh:
+        tables = tomllib.load(fh).get("models", [])
+    lines: list[str] = []
+    for table in tables:
+        table = dict(table) | {"dtype": dtype}
+        lines += ["[[models]]", *(f"{k} = {_toml(v)}" for k, v in table.items()), ""]
+    dest.write_text("\n".join(lines))
+    return dest
+
+
+def bench_half(ctx: Context) -> dict[str, Any]:
+    """The chat and embed benchmarks with the default models in half precision."""
+    dtype = "float16" if ctx.cuda else "bfloat16"
+    with tempfile.TemporaryDirectory(prefix="glm-gpu-check-") as tmp:
+        config = half_config(ROOT / "config" / "default.toml", dtype, Path(tmp) / "half.toml")
+        results = Path(tmp) / "bench.json"
+        command = [sys.executable, "-m", "bench", "--only", "chat,embed", "--json", str(results)]
+        if ctx.quick:
+            command += ["--tokens", "16", "--ttft-samples", "2", "--repeats", "1", "--rounds", "2"]
+        env = os.environ | {"GLM_CONFIG": str(config)}
+        if ctx.cuda:
+            env["CUDA_VISIBLE_DEVICES"] = ctx.device_name.partition(":")[2] or "0"
+        done = subprocess.run(
+            command,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=max(60.0, ctx.left_s - 30),
+        )
+        out: dict[str, Any] = {"dtype": dtype, "command": " ".join(command[1:])}
+        if not results.exists():
+            out["output_tail"] = _tail(done.stdout + done.stderr, 20)
+            raise RuntimeError(f"the benchmark wrote no results (exit {done.returncode})")
+        figures = json.loads(results.read_text())
+    out["figures"] = {
+        m["name"]: [m.get("value"), m.get("unit") or ""] for m in figures.get("metrics", [])
+    }
+    # In half precision the server's batched passes and transformers' generate may round
+    # differently: reported, not a check.
+    out["server_and_in_process_replies_identical"] = "text identical" in done.stdout
+    out["errors"] = figures.get("errors") or {}
+    out["checks"] = {
+        "both parts ran": not out["errors"] and {"chat", "embed"} <= set(figures["parts"]),
+    }
+    return out
+
+
 SECTIONS = (
     Section("environment", environment, 1),
     Section("op_invariance", op_invariance, 5),
@@ -828,6 +932,8 @@ SECTIONS = (
     Section("decode_profile", decode_profile, 10),
     Section("kv_memory", kv_memory, 5),
     Section("embeddings", embeddings, 5),
+    Section("gpu_tests", gpu_tests, 30),
+    Section("bench_half", bench_half, 60),
 )
 
 

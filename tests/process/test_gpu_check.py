@@ -25,6 +25,8 @@ SECTIONS = [
     "decode_profile",
     "kv_memory",
     "embeddings",
+    "gpu_tests",
+    "bench_half",
 ]
 
 
@@ -43,7 +45,7 @@ def run(*args: str, timeout: float = 400) -> tuple[int, list[dict[str, Any]], st
 
 @pytest.mark.slow
 def test_every_section_runs_on_the_cpu_and_its_checks_pass() -> None:
-    status, reports, rest = run("--device", "cpu", "--quick", "--budget-s", "300")
+    status, reports, rest = run("--device", "cpu", "--quick", "--budget-s", "480", timeout=600)
     assert status == 0, rest
     assert [r["section"] for r in reports] == SECTIONS
     by_name = {r["section"]: r for r in reports}
@@ -74,6 +76,11 @@ def test_every_section_runs_on_the_cpu_and_its_checks_pass() -> None:
         assert step["baseline"]["compile_skipped"] == "quick mode"
     assert by_name["kv_memory"]["cache_bytes"] == by_name["kv_memory"]["formula_bytes"] > 0
     assert by_name["embeddings"]["packed_vs_padded_max_diff"] > 0  # other dtype paths, not equal
+    assert by_name["gpu_tests"]["counts"].get("skipped", 0) > 0  # they skip without CUDA
+    figures = by_name["bench_half"]["figures"]
+    assert by_name["bench_half"]["dtype"] == "bfloat16"
+    assert figures["chat: server stream"][0] > 0
+    assert figures["embed: server, 32 concurrent clients"][0] > 0
     assert "findings" not in rest  # the summary table: every section "ok"
     assert rest.count(" ok ") >= len(SECTIONS)
 
