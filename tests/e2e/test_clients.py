@@ -7,6 +7,7 @@ TLS.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import socket
@@ -224,6 +225,11 @@ class ResettingPeer:
             threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
 
     def serve(self, conn: socket.socket) -> None:
+        # A client may drop the connection at any point once its call failed.
+        with contextlib.suppress(OSError):
+            self.answer(conn)
+
+    def answer(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rb") as reader:
             reader.read(24)  # the client's connection preface
             conn.sendall(self.frame(4, 0, 0))
