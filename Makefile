@@ -40,9 +40,12 @@ JAVA_JARS := grpc-api grpc-context grpc-core grpc-netty grpc-protobuf grpc-proto
   netty-handler-proxy netty-resolver netty-transport netty-transport-native-unix-common netty-tcnative
 empty :=
 JAVA_CP := $(subst $(empty) $(empty),:,$(patsubst %,/usr/share/java/%.jar,$(JAVA_JARS)))
+# The Java client's unit tests run on Debian's JUnit 4.
+JUNIT_CP := /usr/share/java/junit4.jar:/usr/share/java/hamcrest-core.jar
 
 .PHONY: help setup gen gen-check lint buf-lint buf-breaking fmt run run-grpc envoy-config test test-fast bench perf-doc clean \
-  toolchains web web-check gen-ts gen-go gen-cpp gen-java client-ts client-go client-cpp client-java clients
+  toolchains web web-check gen-ts gen-go gen-cpp gen-java client-ts client-go client-cpp client-java clients \
+  test-client-ts test-client-go test-client-cpp test-client-java test-clients
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -167,6 +170,25 @@ client-java: gen-java ## Build the Java example (clients/java/build/chat-example
 	chmod +x clients/java/build/chat-example
 
 clients: client-ts client-go client-cpp client-java ## Build every non-Python client.
+
+test-client-ts: client-ts ## Run the TypeScript client's unit tests (clients/typescript/test).
+	cd clients/typescript && npm test --silent
+
+test-client-go: client-go ## Run the Go client's unit tests (clients/go/*_test.go).
+	$(GO_ENV) go test -count=1 glm-api/clients/go
+
+test-client-cpp: client-cpp ## Run the C++ client's unit tests (CTest).
+	cd clients/cpp/build && ctest --output-on-failure
+
+test-client-java: client-java ## Run the Java client's unit tests (JUnit 4, clients/java/test).
+	mkdir -p clients/java/build/test-classes
+	javac -nowarn -d clients/java/build/test-classes \
+	  -cp clients/java/build/classes:$(JAVA_CP):$(JUNIT_CP) $$(find clients/java/test -name '*.java')
+	java -cp clients/java/build/test-classes:clients/java/build/classes:$(JAVA_CP):$(JUNIT_CP) \
+	  org.junit.runner.JUnitCore \
+	  $$(cd clients/java/test && find . -name '*Test.java' | sed 's|^\./||; s|\.java$$||; s|/|.|g')
+
+test-clients: test-client-ts test-client-go test-client-cpp test-client-java ## Run every non-Python client's unit tests.
 
 # The chat page's script is committed (so that `make run` and docker-compose need no npm) and
 # checked in CI to be what its sources build (esbuild's output is deterministic for its version).

@@ -20,7 +20,8 @@ declare -A PACKAGES=(
   # Playwright drives Debian's Chromium in the chat page's test (tests/e2e/test_browser.py); a
   # font, so that the page's screenshot shows text.
   [browser]="chromium fonts-dejavu-core"
-  [java]="default-jdk-headless protobuf-compiler protobuf-compiler-grpc-java-plugin libprotobuf-java libgrpc-java libgoogle-common-protos-java libguava-java libgoogle-gson-java libnetty-java libperfmark-java libjsr305-java liberror-prone-java libanimal-sniffer-java libopencensus-java libgeronimo-annotation-1.3-spec-java libnetty-tcnative-java libnetty-tcnative-jni"
+  # JUnit 4 (with its hamcrest) runs the Java client's unit tests (`make test-client-java`).
+  [java]="default-jdk-headless protobuf-compiler protobuf-compiler-grpc-java-plugin libprotobuf-java libgrpc-java libgoogle-common-protos-java libguava-java libgoogle-gson-java libnetty-java libperfmark-java libjsr305-java liberror-prone-java libanimal-sniffer-java libopencensus-java libgeronimo-annotation-1.3-spec-java libnetty-tcnative-java libnetty-tcnative-jni junit4"
 )
 
 langs=("$@")

@@ -14,6 +14,7 @@
 #include <string>
 
 #include "glm/v1/glm_service.grpc.pb.h"
+#include "glm_error.h"
 
 namespace {
 
@@ -58,20 +59,9 @@ Args ParseArgs(int argc, char** argv) {
   return args;
 }
 
-// The canonical names of gRPC status codes, indexed by code.
-const char* CodeName(grpc::StatusCode code) {
-  static const char* kNames[] = {
-      "OK",        "CANCELLED",         "UNKNOWN",      "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
-      "NOT_FOUND", "ALREADY_EXISTS",    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
-      "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",   "INTERNAL",
-      "UNAVAILABLE", "DATA_LOSS",       "UNAUTHENTICATED"};
-  int index = static_cast<int>(code);
-  return index >= 0 && index <= 16 ? kNames[index] : "UNKNOWN";
-}
-
 int Fail(const grpc::Status& status) {
-  std::cerr << "error: " << CodeName(status.error_code()) << ": " << status.error_message()
-            << "\n";
+  const glm::CallError error = glm::ErrorOf(status);
+  std::cerr << "error: " << glm::CodeName(error.code) << ": " << error.message << "\n";
   return 1;
 }
 

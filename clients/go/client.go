@@ -74,15 +74,31 @@ func Dial(ctx context.Context, target string, opts ...Option) (*Client, error) {
 	return &Client{conn: conn, api: glmv1.NewGlmServiceClient(conn)}, nil
 }
 
-// API is the generated stub, for calls with grpc.CallOption or anything not wrapped here.
+// API is the generated stub, for calls with grpc.CallOption or anything not wrapped here; its errors
+// are gRPC's own (a stream cut by a proxy is Internal there).
 func (c *Client) API() glmv1.GlmServiceClient { return c.api }
 
 // Close closes the connection.
 func (c *Client) Close() error { return c.conn.Close() }
 
 // Chat streams a reply: call Recv until io.EOF. Cancelling ctx stops the generation on the server.
+// A stream a proxy cut after the reply began fails with a StreamCutError (Unavailable).
 func (c *Client) Chat(ctx context.Context, req *glmv1.ChatRequest) (glmv1.GlmService_ChatClient, error) {
-	return c.api.Chat(ctx, req)
+	stream, err := c.api.Chat(ctx, req)
+	if err != nil {
+		return nil, reported(err)
+	}
+	return chatStream{stream}, nil
+}
+
+// chatStream is a Chat stream whose Recv reports errors as the client does.
+type chatStream struct {
+	glmv1.GlmService_ChatClient
+}
+
+func (s chatStream) Recv() (*glmv1.ChatResponse, error) {
+	chunk, err := s.GlmService_ChatClient.Recv()
+	return chunk, reported(err)
 }
 
 // ChatReply is a whole chat reply, gathered from the stream.
@@ -96,7 +112,7 @@ type ChatReply struct {
 // ChatText streams a reply and returns it whole; onDelta, when not nil, sees each new piece of text
 // as it arrives.
 func (c *Client) ChatText(ctx context.Context, req *glmv1.ChatRequest, onDelta func(string)) (*ChatReply, error) {
-	stream, err := c.api.Chat(ctx, req)
+	stream, err := c.Chat(ctx, req)
 	if err != nil {
 		return nil, err
 	}
@@ -131,15 +147,18 @@ func (c *Client) ChatText(ctx context.Context, req *glmv1.ChatRequest, onDelta f
 
 // Embed returns one vector per prompt, in order, from model ("" for the default embedding model).
 func (c *Client) Embed(ctx context.Context, model string, prompts []string, normalize bool) (*glmv1.EmbedResponse, error) {
-	return c.api.Embed(ctx, &glmv1.EmbedRequest{Model: model, Prompt: prompts, Normalize: normalize})
+	reply, err := c.api.Embed(ctx, &glmv1.EmbedRequest{Model: model, Prompt: prompts, Normalize: normalize})
+	return reply, reported(err)
 }
 
 // Tokenize splits text into the tokens of model's tokenizer ("" for the default chat model).
 func (c *Client) Tokenize(ctx context.Context, model, text string) (*glmv1.TokenizeResponse, error) {
-	return c.api.Tokenize(ctx, &glmv1.TokenizeRequest{Model: model, Prompt: text})
+	reply, err := c.api.Tokenize(ctx, &glmv1.TokenizeRequest{Model: model, Prompt: text})
+	return reply, reported(err)
 }
 
 // ListModels lists the configured models with their limits and readiness.
 func (c *Client) ListModels(ctx context.Context) (*glmv1.ListModelsResponse, error) {
-	return c.api.ListModels(ctx, &glmv1.ListModelsRequest{})
+	reply, err := c.api.ListModels(ctx, &glmv1.ListModelsRequest{})
+	return reply, reported(err)
 }

@@ -32,6 +32,8 @@ class ClientProgram:
     files: tuple[str, ...]
     # The built example, as a command from the repository root.
     command: tuple[str, ...]
+    # The `make` target that builds and runs the client's unit tests.
+    test_target: str
 
     def missing(self) -> list[str]:
         """What of the toolchain is not installed."""
@@ -45,6 +47,7 @@ TYPESCRIPT = ClientProgram(
     tools=("node", "npm"),
     files=(),
     command=("node", "clients/typescript/dist/examples/chat.js"),
+    test_target="test-client-ts",
 )
 GO = ClientProgram(
     lang="go",
@@ -55,6 +58,7 @@ GO = ClientProgram(
         "/usr/share/gocode/src/google.golang.org/protobuf",
     ),
     command=("clients/go/bin/example",),
+    test_target="test-client-go",
 )
 CPP = ClientProgram(
     lang="cpp",
@@ -62,6 +66,7 @@ CPP = ClientProgram(
     tools=("g++", "cmake", "pkg-config", "protoc", "grpc_cpp_plugin"),
     files=("/usr/include/grpcpp/grpcpp.h",),
     command=("clients/cpp/build/chat_example",),
+    test_target="test-client-cpp",
 )
 JAVA = ClientProgram(
     lang="java",
@@ -71,8 +76,10 @@ JAVA = ClientProgram(
         "/usr/share/java/grpc-netty.jar",
         "/usr/share/java/protobuf.jar",
         "/usr/share/java/netty-tcnative.jar",
+        "/usr/share/java/junit4.jar",
     ),
     command=("clients/java/build/chat-example",),
+    test_target="test-client-java",
 )
 PROGRAMS = (TYPESCRIPT, GO, CPP, JAVA)
 
@@ -102,6 +109,18 @@ def build(program: ClientProgram) -> None:
             f"make {program.make_target} failed ({result.returncode}):\n"
             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         )
+
+
+def unit_tests(program: ClientProgram) -> subprocess.CompletedProcess[str]:
+    """Run the client's unit tests with `make` (built already by `build`)."""
+    return subprocess.run(
+        ["make", "-s", program.test_target],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT_S,
+        check=False,
+    )
 
 
 def run(

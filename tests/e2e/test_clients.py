@@ -1,14 +1,19 @@
 """The TypeScript, Go, C++ and Java clients' examples, built from clients/ with their real
 toolchains, against the real server directly and through the real Envoy: a streamed Chat, an
-Embed and an error's status code. A small recording server checks what only a server with API
-keys and TLS could see: that each client sends its key over TLS.
+Embed and an error's status code; and each client's own unit tests. A small recording server
+checks what only a server with API keys and TLS could see: that each client sends its key over
+TLS.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
+import socket
+import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -20,7 +25,7 @@ import pytest
 
 from glm.v1 import glm_service_pb2 as pb
 from glm.v1 import glm_service_pb2_grpc as pb_grpc
-from tests.e2e.client_programs import PROGRAMS, TYPESCRIPT, ClientProgram, build, run
+from tests.e2e.client_programs import PROGRAMS, TYPESCRIPT, ClientProgram, build, run, unit_tests
 from tests.e2e.conftest import Gateway
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -53,6 +58,13 @@ def parsed(result: subprocess.CompletedProcess[str]) -> re.Match[str]:
     match = OUTPUT.match(result.stdout)
     assert match, result.stdout
     return match
+
+
+def test_unit_tests_pass(program: ClientProgram) -> None:
+    # Among them: a stream its peer reset with HTTP/2's INTERNAL_ERROR (Envoy, when the replica
+    # behind it dies) is UNAVAILABLE, as in the Python client.
+    result = unit_tests(program)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
 
 
 @pytest.mark.parametrize("route", ["direct", "envoy"])
@@ -180,6 +192,86 @@ def test_example_sends_the_api_key_over_tls(program: ClientProgram, tls_server: 
     assert [method for method, _ in tls_server.recorder.calls] == ["Chat", "Embed"]
     for _, metadata in tls_server.recorder.calls:
         assert metadata.get("authorization") == "Bearer k-123"
+
+
+class ResettingPeer:
+    """A plaintext HTTP/2 peer that answers every call with its reply headers and one empty
+    message, then resets the stream with `code`: what Envoy does to a Chat stream whose replica
+    died (code 2, INTERNAL_ERROR). Just enough HTTP/2 for a gRPC client: settings, pings, and
+    literal header fields that need no HPACK table."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    @staticmethod
+    def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+        return (
+            struct.pack(">I", len(payload))[1:] + struct.pack(">BBI", kind, flags, stream) + payload
+        )
+
+    @staticmethod
+    def literal(name: str, value: str) -> bytes:
+        return b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn: socket.socket) -> None:
+        # A client may drop the connection at any point once its call failed.
+        with contextlib.suppress(OSError):
+            self.answer(conn)
+
+    def answer(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as reader:
+            reader.read(24)  # the client's connection preface
+            conn.sendall(self.frame(4, 0, 0))
+            while len(header := reader.read(9)) == 9:
+                length = int.from_bytes(header[:3], "big")
+                kind, flags, stream = struct.unpack(">BBI", header[3:])
+                payload = reader.read(length)
+                if kind == 4 and not flags & 1:  # SETTINGS: acknowledge
+                    conn.sendall(self.frame(4, 1, 0))
+                elif kind == 6 and not flags & 1:  # PING: answer
+                    conn.sendall(self.frame(6, 1, 0, payload))
+                elif kind == 1:  # a call's HEADERS: begin the reply, then reset the stream
+                    fields = self.literal(":status", "200")
+                    fields += self.literal("content-type", "application/grpc")
+                    conn.sendall(
+                        self.frame(1, 4, stream, fields)
+                        + self.frame(0, 0, stream, bytes(5))
+                        + self.frame(3, 0, stream, struct.pack(">I", self.code))
+                    )
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize(
+    ("reset_code", "reported"),
+    [(2, "UNAVAILABLE"), (1, "INTERNAL")],
+    ids=["internal-error", "protocol-error"],
+)
+def test_example_reports_a_stream_reset_with_internal_error_as_unavailable(
+    program: ClientProgram, reset_code: int, reported: str
+) -> None:
+    # A reset with INTERNAL_ERROR after the reply began is how Envoy ends a Chat stream whose
+    # replica died; gRPC says INTERNAL, the clients say UNAVAILABLE. Other reset codes stay as
+    # gRPC reports them.
+    peer = ResettingPeer(reset_code)
+    try:
+        result = run(program, "--target", peer.address, "hello", timeout=120)
+    finally:
+        peer.close()
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert f"error: {reported}: " in result.stderr, result.stderr
 
 
 def test_example_refuses_a_server_it_does_not_trust(

@@ -43,7 +43,7 @@ function toGlmError(err: unknown): GlmError {
   if (err instanceof GlmError) return err;
   const e = err as Partial<grpc.ServiceError>;
   if (typeof e.code === "number") {
-    return new GlmError(e.code as number as Code, e.details ?? String(err), { cause: err });
+    return GlmError.fromStatus(e.code as number as Code, e.details ?? String(err), { cause: err });
   }
   return new GlmError(Code.UNKNOWN, String(err), { cause: err });
 }

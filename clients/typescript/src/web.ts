@@ -24,7 +24,7 @@ function toGlmError(err: unknown): GlmError {
   if (err instanceof GlmError) return err;
   // Connect's codes are gRPC's codes, by number.
   const e = ConnectError.from(err);
-  return new GlmError(e.code as number as Code, e.rawMessage, { cause: err });
+  return GlmError.fromStatus(e.code as number as Code, e.rawMessage, { cause: err });
 }
 
 function headers(options: WebTransportOptions, call?: CallOptions): Headers {

@@ -6,6 +6,7 @@
 // A failed call prints "error: CODE: message" on stderr and exits with 1.
 package com.glm.example;
 
+import com.glm.client.GlmException;
 import com.glm.v1.ChatMessage;
 import com.glm.v1.ChatRequest;
 import com.glm.v1.ChatResponse;
@@ -70,8 +71,8 @@ public final class ChatExample {
     try {
       run(GlmServiceGrpc.newBlockingStub(channel), model, maxTokens, prompt.toString());
     } catch (StatusRuntimeException e) {
-      System.err.println(
-          "error: " + e.getStatus().getCode().name() + ": " + e.getStatus().getDescription());
+      GlmException error = GlmException.of(e);
+      System.err.println("error: " + error.getCode().name() + ": " + error.getDescription());
       exit = 1;
     } finally {
       channel.shutdownNow().awaitTermination(5, TimeUnit.SECONDS);
