@@ -826,22 +826,31 @@ def _tail(text: str, lines: int = 8) -> list[str]:
     return text.strip().splitlines()[-lines:]
 
 
+def _child(
+    ctx: Context, command: list[str], margin_s: float, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`command` run from the project root on this check's device, within what is left of the
+    budget but `margin_s` (the device's number becomes CUDA_VISIBLE_DEVICES on a GPU)."""
+    child_env = os.environ | env
+    child_env.pop("CUDA_VISIBLE_DEVICES", None)
+    if ctx.cuda:
+        child_env["CUDA_VISIBLE_DEVICES"] = ctx.device_name.partition(":")[2] or "0"
+    return subprocess.run(
+        command,
+        cwd=ROOT,
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=max(margin_s, ctx.left_s - margin_s),
+    )
+
+
 def gpu_tests(ctx: Context) -> dict[str, Any]:
     """The suite's GPU-marked tests on this machine, within what is left of the budget."""
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
     if ctx.quick:
         command.append("tests/integration/test_devices.py")
-    env = os.environ | {"CUDA_VISIBLE_DEVICES": ctx.device_name.partition(":")[2] or "0"}
-    if not ctx.cuda:
-        env.pop("CUDA_VISIBLE_DEVICES")
-    done = subprocess.run(
-        command,
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=max(30.0, ctx.left_s - 60),
-    )
+    done = _child(ctx, command, 60.0)
     last = _tail(done.stdout, 1)[0] if done.stdout.strip() else ""
     counts = {
         word: int(number)
@@ -895,17 +904,7 @@ def bench_half(ctx: Context) -> dict[str, Any]:
         command = [sys.executable, "-m", "bench", "--only", "chat,embed", "--json", str(results)]
         if ctx.quick:
             command += ["--tokens", "16", "--ttft-samples", "2", "--repeats", "1", "--rounds", "2"]
-        env = os.environ | {"GLM_CONFIG": str(config)}
-        if ctx.cuda:
-            env["CUDA_VISIBLE_DEVICES"] = ctx.device_name.partition(":")[2] or "0"
-        done = subprocess.run(
-            command,
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=max(60.0, ctx.left_s - 30),
-        )
+        done = _child(ctx, command, 30.0, GLM_CONFIG=str(config))
         out: dict[str, Any] = {"dtype": dtype, "command": " ".join(command[1:])}
         if not results.exists():
             out["output_tail"] = _tail(done.stdout + done.stderr, 20)
