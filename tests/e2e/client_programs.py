@@ -96,14 +96,7 @@ def build(program: ClientProgram) -> None:
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
-    result = subprocess.run(
-        ["make", "-s", program.make_target],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=BUILD_TIMEOUT_S,
-        check=False,
-    )
+    result = _make(program.make_target)
     if result.returncode != 0:
         pytest.fail(
             f"make {program.make_target} failed ({result.returncode}):\n"
@@ -113,8 +106,12 @@ def build(program: ClientProgram) -> None:
 
 def unit_tests(program: ClientProgram) -> subprocess.CompletedProcess[str]:
     """Run the client's unit tests with `make` (built already by `build`)."""
+    return _make(program.test_target)
+
+
+def _make(target: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["make", "-s", program.test_target],
+        ["make", "-s", target],
         cwd=ROOT,
         capture_output=True,
         text=True,
