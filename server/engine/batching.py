@@ -52,11 +52,17 @@ class SequenceBatch(ABC):
         """
         return None
 
+    @property
+    def shared_prefill_max_tokens(self) -> int | None:
+        """The most tokens a shared prefill pass may hold (None: no shared passes)."""
+        return None
+
     def prefill_shared(self, chunks: Sequence[tuple[int, Sequence[int]]]) -> list[torch.Tensor]:
         """`prefill` of one chunk for each of several slots ([(slot, token_ids)]), in order.
 
-        Where chunks can share a pass (all at least `shared_prefill_min_tokens` long), one pass
-        feeds them all; here, as a fallback, each runs alone. Returns each chunk's logits.
+        Where chunks can share a pass (all at least `shared_prefill_min_tokens` long, at most
+        `shared_prefill_max_tokens` together), one pass feeds them all; here, as a fallback, each
+        runs alone. Returns each chunk's logits.
         """
         return [self.prefill(slot, ids) for slot, ids in chunks]
 

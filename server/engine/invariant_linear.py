@@ -28,10 +28,10 @@ Passes of more rows than a plan covers (prompt chunks) run in one call of whiche
 order is faster for prompt-sized passes (measured too: `x @ weight.T` by 15-25% at 45 and 254
 rows here). A chunk run alone needs only be deterministic; chunks of several prompts can share
 one pass (cheaper per token: 225 rows in one pass cost about 0.6 of five 45-row passes here)
-only where a row's bits do not depend on the pass's size either. `shared_pass_min_rows` probes from
-which size on that holds (MKL here: 12 rows and more give a row one result; 9-11 rows do not even
-give a row the same result in another place of the call); chunks run alone where two chunks of
-that size would not fit one pass.
+only where a row's bits do not depend on the pass's size either. `shared_pass_window` probes over
+which range of pass sizes that holds (MKL on one machine: 12 rows and more give a row one result,
+9-11 rows not even the same result in another place of the call; on another, 81 to 192 rows, and
+other bits again at 256), with room for two chunks; chunks run alone where there is no such range.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ __all__ = [
     "choose_plans",
     "install",
     "shape_key",
-    "shared_pass_min_rows",
+    "shared_pass_window",
 ]
 
 # (weight (out, in), x (rows, in)) -> (rows, out).
@@ -532,42 +532,50 @@ def _large_sizes(max_rows: int, max_pass_rows: int) -> list[int]:
     return sorted(sizes)
 
 
-def _size_invariant_from(
+def _size_bits(
     call: Callable[[torch.Tensor], torch.Tensor], sizes: list[int], x: torch.Tensor, head: int
-) -> int | None:
-    """The smallest of `sizes` from which every larger one gives each row the same bits.
-
-    Probed: a row's result must not depend on its place in the pass (the same rows shifted by
-    three give the same results) nor on the pass's size (the first `head` rows, present in every
-    pass, give the same bytes as in the largest). None when not even the largest qualifies.
-    """
+) -> list[bytes | None]:
+    """For each of `sizes`: the bytes of the first `head` rows in a pass of that size, or None
+    where a row's result depends on its place in the pass (the same rows shifted by three give
+    other results)."""
     shift = 3
-    reference: bytes | None = None
-    found: int | None = None
-    for size in reversed(sizes):
+    found: list[bytes | None] = []
+    for size in sizes:
         full = call(x[shift : shift + size].contiguous()).contiguous()
         shifted = call(x[:size].contiguous()).contiguous()
-        if not torch.equal(shifted[shift:], full[: size - shift]):
-            break
-        bits = _bits(full[:head])
-        if reference is None:
-            reference = bits
-        elif bits != reference:
-            break
-        found = size
+        same_place = torch.equal(shifted[shift:], full[: size - shift])
+        found.append(_bits(full[:head]) if same_place else None)
     return found
 
 
-@torch.inference_mode()
-def shared_pass_min_rows(
-    causal_lm: torch.nn.Module, plans: dict[ShapeKey, LinearPlan], max_pass_rows: int
-) -> int | None:
-    """The fewest rows a prompt chunk needs to share a pass of up to `max_pass_rows` rows.
+def _window(by_shape: list[list[bytes | None]], sizes: list[int]) -> tuple[int, int] | None:
+    """The pass sizes [low, high] of `sizes` over which every shape gives its rows one result,
+    with room for two chunks of `low` rows in a pass of `high`: the smallest low, then the
+    largest high; None where there is none."""
 
-    A chunk of at least that many rows gets bit-identical results from every linear layer alone
-    or packed with other chunks (up to max_pass_rows rows in all), so where it runs cannot change
-    a greedy reply. None: no such size (or nothing to share), so chunks must run alone. The output
-    layer is not probed: a prefill pass gives it only each chunk's last row, a decode-sized pass.
+    def one_result(bits: list[bytes | None], i: int, j: int) -> bool:
+        return bits[i] is not None and all(bits[k] == bits[i] for k in range(i, j + 1))
+
+    for i, low in enumerate(sizes):
+        for j in range(len(sizes) - 1, i - 1, -1):
+            if 2 * low > sizes[j]:
+                break
+            if all(one_result(bits, i, j) for bits in by_shape):
+                return low, sizes[j]
+    return None
+
+
+@torch.inference_mode()
+def shared_pass_window(
+    causal_lm: torch.nn.Module, plans: dict[ShapeKey, LinearPlan], max_pass_rows: int
+) -> tuple[int, int] | None:
+    """(fewest rows a prompt chunk needs to share a pass, most rows such a pass may hold).
+
+    A chunk of at least `low` rows gets bit-identical results from every linear layer alone or
+    packed with other chunks in a pass of up to `high` rows (at most `max_pass_rows`), so where
+    it runs cannot change a greedy reply. None: no such sizes (or nothing to share), so chunks
+    must run alone. The output layer is not probed: a prefill pass gives it only each chunk's
+    last row, a decode-sized pass.
     """
     by_shape = {
         key: layers[0]
@@ -589,24 +597,22 @@ def shared_pass_min_rows(
         )
         return None
     generator = torch.Generator().manual_seed(2)
-    needed = max_rows + 1
+    bits: list[list[bytes | None]] = []
     for key, m in by_shape.items():
         plan = plans[key]
         weight, bias = m.weight, m.bias
         x = _probe_input(weight, max_pass_rows + 3, generator)
         call = partial(_large_pass, plan.large_kernel, weight, bias=bias)
-        found = _size_invariant_from(call, sizes, x, head=max_rows + 1)
-        if found is None:
-            log.info("prompt chunks run alone: %s gives other bits at every pass size", key[0])
-            return None
-        needed = max(needed, found)
-    if 2 * needed > max_pass_rows:
+        bits.append(_size_bits(call, sizes, x, head=max_rows + 1))
+    window = _window(bits, sizes)
+    if window is None:
         log.info(
-            "prompt chunks run alone: only chunks of %d+ tokens get one result, and two of them "
-            "do not fit a pass of %d",
-            needed,
+            "prompt chunks run alone: no range of pass sizes up to %d rows gives a row one "
+            "result with room for two chunks",
             max_pass_rows,
         )
         return None
-    log.info("prompt chunks of %d+ tokens share prefill passes (up to %d)", needed, max_pass_rows)
-    return needed
+    log.info(
+        "prompt chunks of %d+ tokens share prefill passes of up to %d tokens", window[0], window[1]
+    )
+    return window

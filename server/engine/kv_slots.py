@@ -33,11 +33,11 @@ computation a row goes through gives bit-identical results whatever the other ro
   products and a softmax, per row and head); keys are padded with masked positions up to a
   multiple of KV_BLOCK, so other rows' lengths only add exact zeros to a row's sums.
 - Prefill: chunks' boundaries depend only on their prompt (server/engine/scheduler.py). A chunk
-  shares a pass only when it is at least `shared_prefill_min_tokens` long, the pass size from
-  which the linear layers give a row the same bits whatever the size (probed when the batch is
-  opened); its attention is one SDPA call over its own slot, with the shapes and mask (or, on a
-  GPU, the causal kernel) it has alone. So a chunk is computed the same way alone or shared,
-  whatever else runs.
+  shares a pass only when it is at least `shared_prefill_min_tokens` long and the pass holds at
+  most `shared_prefill_max_tokens`: the range of pass sizes over which the linear layers give a
+  row the same bits whatever the size (probed when the batch is opened). Its attention is one
+  SDPA call over its own slot, with the shapes and mask (or, on a GPU, the causal kernel) it has
+  alone. So a chunk is computed the same way alone or shared, whatever else runs.
 A seeded sampled request is reproducible in a batch for the same reason.
 """
 
@@ -64,7 +64,7 @@ from server.engine.invariant_linear import (
     ShapeKey,
     choose_plans,
     install,
-    shared_pass_min_rows,
+    shared_pass_window,
 )
 from server.engine.lean_decode import LeanDecoder
 from server.errors import ResourceExhaustedError
@@ -482,9 +482,9 @@ class SlotBatch(SequenceBatch):
             install(self._lean, self._linear_plans)
         # Chunks share a pass only where both their linear layers (probed) and their attention
         # (`_attention`, one call per chunk) give the bits they have alone.
-        self._shared_min: int | None = None
+        self._shared: tuple[int, int] | None = None
         if config._attn_implementation == ATTENTION:
-            self._shared_min = shared_pass_min_rows(causal_lm, self._linear_plans, max_pass_tokens)
+            self._shared = shared_pass_window(causal_lm, self._linear_plans, max_pass_tokens)
         # Tokens held by each row.
         self._lengths = [0] * max_sequences
         self._rows = 0
@@ -538,7 +538,11 @@ class SlotBatch(SequenceBatch):
 
     @property
     def shared_prefill_min_tokens(self) -> int | None:
-        return self._shared_min
+        return None if self._shared is None else self._shared[0]
+
+    @property
+    def shared_prefill_max_tokens(self) -> int | None:
+        return None if self._shared is None else self._shared[1]
 
     @property
     def linear_plans(self) -> dict[ShapeKey, LinearPlan]:
@@ -630,15 +634,19 @@ class SlotBatch(SequenceBatch):
 
     @torch.inference_mode()
     def prefill_shared(self, chunks: Sequence[tuple[int, Sequence[int]]]) -> list[torch.Tensor]:
-        shared_min = self._shared_min
-        if len(chunks) < 2 or shared_min is None:
+        if len(chunks) < 2 or self._shared is None:
             return super().prefill_shared(chunks)  # each alone
+        shared_min, shared_max = self._shared
         if len({slot for slot, _ in chunks}) != len(chunks):
             raise ValueError("a shared prefill pass takes one chunk per slot")
-        if len(chunks) > self.max_sequences or min(len(ids) for _, ids in chunks) < shared_min:
+        if (
+            len(chunks) > self.max_sequences
+            or min(len(ids) for _, ids in chunks) < shared_min
+            or sum(len(ids) for _, ids in chunks) > shared_max
+        ):
             raise ValueError(
                 f"a shared prefill pass takes at most {self.max_sequences} chunks of at least "
-                f"{shared_min} tokens each"
+                f"{shared_min} tokens each, {shared_max} tokens in all"
             )
         segments: list[_Segment] = []
         slots: list[int] = []

@@ -7,19 +7,19 @@ One iteration of the loop is one *step*:
 2. Reap: cancelled sequences leave, freeing their slot and its cache memory at once.
 3. Decode: ONE forward pass feeds every decoding sequence its last token; each sequence picks its
    next token from its own row of logits with its own sampler, stops and detokenizer.
-4. Prefill: prompts of newly admitted sequences are fed in chunks. Chunks long enough to give
-   the same results in a shared pass as alone (SequenceBatch.shared_prefill_min_tokens: 12
-   tokens with MKL here) share passes, one chunk per prompt, in arrival order: a pass of several
-   chunks costs less per token than each alone (225 tokens: about 0.6 of five 45-token passes),
-   so waiting prompts get their first token sooner. Shorter chunks run alone. A step's token
-   budget (`max_batch_tokens`) is shared: the decode pass takes one token per running sequence,
-   prompt chunks take the rest, and at least one chunk runs per step. Chunk boundaries are fixed
-   multiples of `max_batch_tokens - max_concurrent` from the prompt's start, whatever else runs,
-   so a prompt is always computed the same way (greedy output does not depend on the load) and a
-   long prompt never holds the running sequences up for more than one chunk per step. A sequence
-   whose prompt is complete picks its first token from the last chunk's logits, so its first
-   text goes out in the step that finished its prompt; it joins the decode pass from the next
-   step on.
+4. Prefill: prompts of newly admitted sequences are fed in chunks. Chunks long enough to give the
+   same results in a shared pass as alone (SequenceBatch.shared_prefill_min_tokens, in passes of at
+   most shared_prefill_max_tokens, probed on the model) share passes, one chunk per prompt, in
+   arrival order: a pass of several chunks costs less per token than each alone (225 tokens: about
+   0.6 of five 45-token passes), so waiting prompts get their first token sooner. Shorter chunks
+   run alone. A step's token budget (`max_batch_tokens`) is shared: the decode pass takes one token
+   per running sequence, prompt chunks take the rest, and at least one chunk runs per step. Chunk
+   boundaries are fixed multiples of `max_batch_tokens - max_concurrent` from the prompt's start,
+   whatever else runs, so a prompt is always computed the same way (greedy output does not depend
+   on the load) and a long prompt never holds the running sequences up for more than one chunk per
+   step. A sequence whose prompt is complete picks its first token from the last chunk's logits, so
+   its first text goes out in the step that finished its prompt; it joins the decode pass from the
+   next step on.
 
 Between steps the thread also runs the process's other model work handed to it
 (`call_between_steps`: embedding passes), so that one OpenMP team serves all of it.
@@ -550,6 +550,7 @@ class Scheduler:
         """
         assert self._batch is not None
         shared_min = self._batch.shared_prefill_min_tokens
+        shared_max = self._batch.shared_prefill_max_tokens
         group: list[tuple[_Sequence, int, int]] = []
         used = 0
         for seq in list(self._prefilling):
@@ -562,8 +563,8 @@ class Scheduler:
             size = end - start
             if used + size > budget and not (first and not group):
                 break
-            if group and size < (shared_min or 0):
-                break  # too short to share; it runs alone in a pass of its own
+            if group and (size < (shared_min or 0) or used + size > (shared_max or budget)):
+                break  # too short to share, or too many tokens: it runs in a pass of its own
             group.append((seq, start, end))
             used += size
             if shared_min is None or size < shared_min:

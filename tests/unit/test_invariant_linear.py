@@ -10,11 +10,12 @@ from server.engine.invariant_linear import (
     LinearPlan,
     _best_calls,
     _classes,
-    _size_invariant_from,
+    _size_bits,
+    _window,
     choose_plans,
     install,
     shape_key,
-    shared_pass_min_rows,
+    shared_pass_window,
 )
 
 
@@ -135,36 +136,51 @@ def test_pass_sizes_past_a_threshold_qualify_for_shared_passes() -> None:
 
     x = torch.randn(70, 4)
     sizes = [9, 12, 16, 20, 24, 36, 54, 64]
-    assert _size_invariant_from(small_passes_differ, sizes, x, head=9) == 20
+    bits = _size_bits(small_passes_differ, sizes, x, head=9)
+    assert _window([bits], sizes) == (20, 64)
 
     def rows_depend_on_each_other(x: torch.Tensor) -> torch.Tensor:
         return x + x.mean(0)
 
-    assert _size_invariant_from(rows_depend_on_each_other, sizes, x, head=9) is None
+    assert _size_bits(rows_depend_on_each_other, sizes, x, head=9) == [None] * len(sizes)
+
+
+def test_the_window_leaves_out_larger_passes_that_give_other_bits() -> None:
+    sizes = [9, 12, 16, 24, 36, 54, 81, 121, 128, 192, 256]
+    each = [bytes([i]) for i in range(len(sizes))]  # every size its own result
+    # One result from 81 to 192 rows, other bits below and again at 256 (as MKL does on one of
+    # these machines).
+    shape = [*each[:6], b"g", b"g", b"g", b"g", b"h"]
+    assert _window([shape], sizes) == (81, 192)
+    # Every shape must give one result over the window: the smallest low wins, then the largest
+    # high.
+    other = [b"a", b"a", b"a", *[b"b"] * 8]
+    assert _window([other], sizes) == (24, 256)
+    assert _window([shape, other], sizes) == (81, 192)
+    # No room for two chunks, or no result at all: no window.
+    assert _window([each], sizes) is None
+    assert _window([[None] * len(sizes)], sizes) is None
 
 
 def test_chunks_of_the_probed_size_get_their_rows_bits_in_any_larger_pass() -> None:
     net = model((576, 1536), (1536, 576))
     plans = choose_plans(net, max_rows=8)
+    window = shared_pass_window(net, plans, max_pass_rows=256)
     # Where MKL's kernels change with the row count depends on the CPU (12 rows on some of
-    # these machines, 81 on others, and again past 128 rows there): the first pass size that
-    # lets two chunks share it, and then the promise, checked on real rows.
-    found, limit = None, 0
-    for limit in (128, 192, 256, 384, 512):
-        found = shared_pass_min_rows(net, plans, max_pass_rows=limit)
-        if found is not None:
-            break
-    assert found is not None
-    # Two chunks of the size found fit one pass (else chunks would run alone: None).
-    assert 8 < found <= limit // 2
-    big = torch.randn(limit, 576)
+    # these machines; 81 to 192 rows on others, with other bits again at 256): what must hold is
+    # the promise, checked on real rows.
+    assert window is not None
+    low, high = window
+    assert low > 8
+    assert 2 * low <= high <= 256
+    big = torch.randn(high, 576)
     install(net, plans)
     with torch.inference_mode():
         whole = net(big)
-        for start, end in ((0, found), (limit - found, limit), (0, 2 * found)):
+        for start, end in ((0, low), (high - low, high), (0, 2 * low)):
             assert torch.equal(net(big[start:end]), whole[start:end]), (start, end)
     # Nothing can share a pass that is no larger than a decode pass.
-    assert shared_pass_min_rows(net, plans, max_pass_rows=8) is None
+    assert shared_pass_window(net, plans, max_pass_rows=8) is None
 
 
 def test_half_precision_probes_see_another_summation_order() -> None:
