@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from server.engine.attention import decode_attention
-from server.models.int8_linear import Int8Linear, concatenated
+from server.models.int8_linear import VIEW_ALIGN, Int8Linear, Verdicts, concatenated
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,6 @@ __all__ = ["SUPPORTED", "LeanDecoder"]
 # transformers classes whose decoder layers are Llama's: pre-norm RMSNorm, q/k/v/o projections
 # (biases allowed), rotary embeddings by rotate_half, a SiLU-gated MLP.
 SUPPORTED = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
-# Byte alignment a projection's weight keeps as a view into the fused weight: a BLAS may take
-# another code path for a less aligned operand.
-_ALIGN = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,12 +105,13 @@ class _Side(torch.nn.Module):
         return torch.cat([part(x) for part in self.parts], dim=-1)
 
 
-def _fused_or_side(modules: Sequence[Any]) -> torch.nn.Module | str:
-    """`_fuse(modules)`, or int8 layers concatenated; projections of other types side by side."""
+def _fused_or_side(modules: Sequence[Any], verdicts: Verdicts) -> torch.nn.Module | str:
+    """`_fuse(modules)`, or int8 layers concatenated (their shapes' row-invariance verdicts kept
+    in `verdicts`); projections of other types side by side."""
     if all(type(m) is torch.nn.Linear for m in modules):
         return _fuse(modules)
     if all(type(m) is Int8Linear for m in modules):
-        joined = concatenated(modules)
+        joined = concatenated(modules, verdicts)
         if joined is not None:
             return joined
     if all(isinstance(m, torch.nn.Module) and callable(m) for m in modules):
@@ -121,15 +119,12 @@ def _fused_or_side(modules: Sequence[Any]) -> torch.nn.Module | str:
     return "projections are not modules"
 
 
-def _fuse(modules: Sequence[Any]) -> torch.nn.Linear | str:
+def _fuse(modules: Sequence[torch.nn.Linear]) -> torch.nn.Linear | str:
     """One linear layer computing `modules`' outputs side by side, or why there is none.
 
     The fused weight is the modules' weights laid end to end; each module's weight becomes a view
     of its block, so the memory is the same and the module computes as before.
     """
-    if any(type(m) is not torch.nn.Linear for m in modules):
-        names = sorted({type(m).__name__ for m in modules})
-        return f"projections are {', '.join(names)}, not plain linear layers"
     weights = [m.weight for m in modules]
     first = weights[0]
     if any(
@@ -146,8 +141,8 @@ def _fuse(modules: Sequence[Any]) -> torch.nn.Linear | str:
     offsets = [0]
     for w in weights[:-1]:
         offsets.append(offsets[-1] + w.shape[0] * row_bytes)
-    if any(o % _ALIGN for o in offsets):
-        return f"a projection's rows would not start {_ALIGN}-byte aligned in a fused weight"
+    if any(o % VIEW_ALIGN for o in offsets):
+        return f"a projection's rows would not start {VIEW_ALIGN}-byte aligned in a fused weight"
     fused = _adjacent(weights)
     if fused is None:
         fused = torch.cat([w.detach() for w in weights])
@@ -208,6 +203,7 @@ class LeanDecoder(torch.nn.Module):
             return "the final norm or the output layer is not Llama's"
         layers: list[_Layer] = []
         fused: list[torch.nn.Module] = []
+        verdicts: Verdicts = {}
         for decoder_layer in base.layers:
             attn, mlp = decoder_layer.self_attn, decoder_layer.mlp
             extra = [n for n in ("q_norm", "k_norm", "sinks") if hasattr(attn, n)]
@@ -217,10 +213,10 @@ class LeanDecoder(torch.nn.Module):
             mlp_norm = _norm(decoder_layer.post_attention_layernorm)
             if attention_norm is None or mlp_norm is None:
                 return "a layer norm is not an RMSNorm"
-            qkv = _fused_or_side([attn.q_proj, attn.k_proj, attn.v_proj])
+            qkv = _fused_or_side([attn.q_proj, attn.k_proj, attn.v_proj], verdicts)
             if isinstance(qkv, str):
                 return qkv
-            gate_up = _fused_or_side([mlp.gate_proj, mlp.up_proj])
+            gate_up = _fused_or_side([mlp.gate_proj, mlp.up_proj], verdicts)
             if isinstance(gate_up, str):
                 return gate_up
             fused += [qkv, gate_up]

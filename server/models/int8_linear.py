@@ -24,7 +24,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Int8Linear", "concatenated", "logit_error", "quantize_linears"]
+__all__ = [
+    "VIEW_ALIGN",
+    "Int8Linear",
+    "Verdicts",
+    "concatenated",
+    "logit_error",
+    "quantize_linears",
+]
 
 _ACTIVATION = torch.bfloat16
 # Rows the invariance check compares: one alone against the same row among many.
@@ -70,16 +77,22 @@ class Int8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-# Byte alignment a part's weight keeps as a view into a concatenated layer's (see `concatenated`).
-_ALIGN = 64
+# Byte alignment a layer's weight keeps where it becomes a view into a joined weight (here and in
+# server/engine/lean_decode.py): a kernel may take another code path for a less aligned operand.
+VIEW_ALIGN = 64
+# Row invariance per weight shape (out, in): the kernel's verdict holds for every layer of a shape.
+Verdicts = dict[tuple[int, int], bool]
 
 
-def concatenated(parts: Sequence[Int8Linear]) -> Int8Linear | None:
+def concatenated(
+    parts: Sequence[Int8Linear], verdicts: Verdicts | None = None
+) -> Int8Linear | None:
     """One int8 layer computing `parts`' outputs side by side (their weights end to end), or None
     where they differ in input size, dtype or bias, or a part's rows would start unaligned.
 
     Each part's weight, scales and bias become views of the new layer's, so no memory is added.
-    Exact: the scales are per output row, so each part's rows keep their values.
+    Exact: the scales are per output row, so each part's rows keep their values. `verdicts`
+    carries the row-invariance verdicts of shapes already checked (see `quantize_linears`).
     """
     first = parts[0]
     if any(
@@ -89,7 +102,7 @@ def concatenated(parts: Sequence[Int8Linear]) -> Int8Linear | None:
         for p in parts
     ):
         return None
-    if any(p.out_features * p.in_features % _ALIGN for p in parts[:-1]):
+    if any(p.out_features * p.in_features % VIEW_ALIGN for p in parts[:-1]):
         return None
     layer = Int8Linear.__new__(Int8Linear)
     torch.nn.Module.__init__(layer)
@@ -111,7 +124,7 @@ def concatenated(parts: Sequence[Int8Linear]) -> Int8Linear | None:
         if bias is not None:
             p.bias = bias[at : at + rows]
         at += rows
-    layer.row_by_row = not _row_invariant(layer)
+    layer.row_by_row = not _row_invariant(layer, {} if verdicts is None else verdicts)
     return layer
 
 
@@ -120,8 +133,18 @@ def _tensor(value: object) -> torch.Tensor:
     return value
 
 
-def _row_invariant(layer: Int8Linear) -> bool:
-    """Whether a row gets the same bits alone and among other rows (any count probed)."""
+def _row_invariant(layer: Int8Linear, verdicts: Verdicts) -> bool:
+    """Whether a row of `layer`'s shape gets the same bits alone and among other rows (any count
+    probed), checked once per shape in `verdicts`."""
+    shape = (layer.out_features, layer.in_features)
+    if shape not in verdicts:
+        verdicts[shape] = _probe_rows(layer)
+        if not verdicts[shape]:
+            log.info("int8 layers of shape %s compute a row per call (invariance)", shape)
+    return verdicts[shape]
+
+
+def _probe_rows(layer: Int8Linear) -> bool:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(max(_PROBE_ROWS), layer.in_features, generator=generator).to(_ACTIVATION)
     alone = [layer._mm(x[i : i + 1].contiguous()) for i in range(max(_PROBE_ROWS))]
@@ -138,7 +161,7 @@ def quantize_linears(model: torch.nn.Module, skip: Sequence[str] = ()) -> int:
     Returns how many layers were replaced. Layers sharing a weight shape share the invariance
     verdict, checked once per shape.
     """
-    verdicts: dict[tuple[int, int], bool] = {}
+    verdicts: Verdicts = {}
     replaced = 0
     for name, module in list(model.named_modules()):
         if not isinstance(module, torch.nn.Linear) or name in skip:
@@ -147,12 +170,7 @@ def quantize_linears(model: torch.nn.Module, skip: Sequence[str] = ()) -> int:
             where = module.weight.device
             raise ValueError(f"int8 weights run on the CPU only; {name} is on {where}")
         layer = Int8Linear(module)
-        shape = (layer.out_features, layer.in_features)
-        if shape not in verdicts:
-            verdicts[shape] = _row_invariant(layer)
-            if not verdicts[shape]:
-                log.info("int8 layers of shape %s compute a row per call (invariance)", shape)
-        layer.row_by_row = not verdicts[shape]
+        layer.row_by_row = not _row_invariant(layer, verdicts)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer)
