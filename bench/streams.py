@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -504,7 +504,9 @@ def measure_counts(
 
 
 def _toml_value(value: object) -> str:
-    """A TOML scalar; the models tables hold nothing else."""
+    """A TOML scalar or array of scalars (aliases); the models tables hold nothing else."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -513,6 +515,15 @@ def _toml_value(value: object) -> str:
         # JSON string escapes (\", \\, \n, \uXXXX) are valid in TOML basic strings.
         return json.dumps(value)
     raise ValueError(f"cannot write {value!r} as a TOML scalar")
+
+
+def write_models_config(tables: Sequence[Mapping[str, object]], dest: Path) -> Path:
+    """`tables` written as a models file ([[models]] tables) at `dest`."""
+    lines: list[str] = []
+    for table in tables:
+        lines += ["[[models]]", *(f"{key} = {_toml_value(value)}" for key, value in table.items())]
+    dest.write_text("\n".join(lines) + "\n")
+    return dest
 
 
 def chat_only_config(
@@ -533,9 +544,7 @@ def chat_only_config(
     table["max_waiting"] = max(int(table.get("max_waiting", 0)), min_waiting)
     if quantize is not None:
         table["quantize"] = quantize
-    lines = ["[[models]]", *(f"{key} = {_toml_value(value)}" for key, value in table.items())]
-    dest.write_text("\n".join(lines) + "\n")
-    return dest
+    return write_models_config([table], dest)
 
 
 def run_streams(

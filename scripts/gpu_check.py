@@ -871,28 +871,15 @@ def gpu_tests(ctx: Context) -> dict[str, Any]:
     return out
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return json.dumps(str(value))
-
-
 def half_config(source: Path, dtype: str, dest: Path) -> Path:
     """A copy of the models file `source` with every model's dtype set to `dtype`."""
     import tomllib
 
+    from bench.streams import write_models_config
+
     with source.open("rb") as fh:
         tables = tomllib.load(fh).get("models", [])
-    lines: list[str] = []
-    for table in tables:
-        table = dict(table) | {"dtype": dtype}
-        lines += ["[[models]]", *(f"{k} = {_toml(v)}" for k, v in table.items()), ""]
-    dest.write_text("\n".join(lines))
-    return dest
+    return write_models_config([dict(table) | {"dtype": dtype} for table in tables], dest)
 
 
 def bench_half(ctx: Context) -> dict[str, Any]:
