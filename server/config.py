@@ -99,6 +99,9 @@ class ModelSpec:
     # (server/engine/lean_decode.py), checked against the model's own forward when the batch
     # opens; false always runs the model's own forward.
     lean_decode: bool = True
+    # Chat on a CPU: the lean decode pass compiled by torch.compile, one graph per bucket of row
+    # counts, at start-up (server/engine/compiled_decode.py); checked like the lean pass.
+    compile_decode: bool = False
     # Chat on a CPU: "int8" stores the linear layers' weights as int8, checked against the
     # float32 logits when the model loads (server/models/int8_linear.py); "none" keeps the dtype.
     quantize: str = "none"
@@ -176,6 +179,8 @@ def _spec_from_table(table: dict[str, Any], index: int) -> ModelSpec:
         raise ConfigError(f"{where}: 'prefix_cache_mb' must be a non-negative integer")
     if not isinstance(spec.lean_decode, bool):
         raise ConfigError(f"{where}: 'lean_decode' must be true or false")
+    if not isinstance(spec.compile_decode, bool):
+        raise ConfigError(f"{where}: 'compile_decode' must be true or false")
     if not isinstance(spec.unpadded, bool):
         raise ConfigError(f"{where}: 'unpadded' must be true or false")
     if spec.max_waiting < 0 or spec.batch_wait_ms < 0:

@@ -95,6 +95,7 @@ _ENGINE_FIELDS = frozenset(
         "max_batch_tokens",
         "prefix_cache_mb",
         "lean_decode",
+        "compile_decode",
     }
 )
 _ENGINE_DEFAULTS = {

@@ -68,6 +68,7 @@ class ChatEngine:
         observer: EngineObserver | None = None,
         prefix_cache_bytes: int = 0,
         lean_decode: bool = True,
+        compile_decode: bool = False,
     ) -> None:
         self._model = model
         self._max_concurrent = max_concurrent
@@ -97,6 +98,7 @@ class ChatEngine:
             observer=report if observer is not None else None,
             prefix_cache_bytes=prefix_cache_bytes,
             lean_decode=lean_decode,
+            compile_decode=compile_decode,
         )
 
     @property

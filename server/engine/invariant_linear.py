@@ -88,11 +88,29 @@ def _onednn_weight(weight: torch.Tensor) -> torch.Tensor:
     return reordered
 
 
-def _onednn(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _onednn_call(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
         x, _onednn_weight(weight), None, "none", [], ""
     )
     return out
+
+
+# The oneDNN kernel as one operator that a compiled pass (server/engine/compiled_decode.py) calls
+# as it is: its reordered weight is an opaque tensor that torch.compile cannot trace through.
+_onednn_op = torch.library.custom_op("glm::onednn_linear", mutates_args=())(_onednn_call)
+
+
+@_onednn_op.register_fake
+def _onednn_fake(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _onednn(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # Eager calls skip the operator's dispatch: same kernel, less time per call.
+    if torch.compiler.is_compiling():
+        out: torch.Tensor = _onednn_op(x, weight)
+        return out
+    return _onednn_call(x, weight)
 
 
 KERNELS: dict[str, Kernel] = {

@@ -44,6 +44,7 @@ A seeded sampled request is reproducible in a batch for the same reason.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from server.engine.attention import decode_attention
 from server.engine.batching import SequenceBatch
+from server.engine.compiled_decode import CompiledDecode
 from server.engine.device_profile import DeviceProfile, available_bytes, profile_for
 from server.engine.invariant_linear import (
     LinearPlan,
@@ -433,6 +435,7 @@ class SlotBatch(SequenceBatch):
         max_pass_tokens: int = 0,
         profile: DeviceProfile | None = None,
         lean_decode: bool = True,
+        compile_decode: bool = False,
     ) -> None:
         super().__init__(max_sequences)
         self._lm = causal_lm
@@ -488,8 +491,17 @@ class SlotBatch(SequenceBatch):
         # Tokens held by each row.
         self._lengths = [0] * max_sequences
         self._rows = 0
+        # The lean pass compiled per row bucket (server/engine/compiled_decode.py).
+        self._compiled: CompiledDecode | None = None
         if self._lean is not None:
             self._check_lean()
+        if compile_decode:
+            if self._lean is None:
+                log.info("decode passes: not compiled (only the lean pass compiles)")
+            elif device.type != "cpu":
+                log.info("decode passes: not compiled (compiled passes run on CPUs only for now)")
+            else:
+                self._compile()
 
     def _check_lean(self) -> None:
         """Keep the lean decode pass only where it gives the model's own decode logits.
@@ -526,6 +538,77 @@ class SlotBatch(SequenceBatch):
             len(lean.fused),
             error,
         )
+
+    def _compile(self) -> None:
+        """Compile the lean pass for every row bucket, and keep it only where a row's logits are
+        the same bits in every bucket and within rounding of the eager pass's.
+
+        Every slot holds a prompt of its own; row 0 decodes the same token in each bucket, with
+        the other rows decoding theirs. Compilation happens here, before any request comes.
+        """
+        lean = self._lean
+        assert lean is not None
+        width = len(_CHECK_PROMPT)
+        prompts = {s: tuple(range(1 + s, 1 + s + width)) for s in range(self.max_sequences)}
+        started = time.perf_counter()
+        try:
+            for slot, ids in prompts.items():
+                self.prefill(slot, ids)
+            eager = self._decode_again({0: prompts[0][-1]})[0]
+            compiled = CompiledDecode(lean, self.max_sequences)
+            self._compiled = compiled
+            by_bucket = {
+                size: self._decode_again({s: prompts[s][-1] for s in range(size)})[0]
+                for size in compiled.buckets
+            }
+            compiled.freeze()
+        except Exception as exc:  # any failure to compile leaves the eager pass, which works
+            self._compiled = None
+            log.warning("decode passes: lean, not compiled (%s)", _first_line(exc))
+            return
+        finally:
+            for slot in prompts:
+                self.release(slot)
+        seconds = time.perf_counter() - started
+        alone = by_bucket[1]
+        differ = [size for size, logits in by_bucket.items() if not torch.equal(logits, alone)]
+        spread = float(eager.max() - eager.min()) or 1.0
+        error = float((alone - eager).abs().max()) / spread
+        tolerance = _LEAN_TOLERANCE[self._dtype in (torch.float32, torch.float64)]
+        if differ:
+            self._compiled = None
+            log.warning(
+                "decode passes: lean, not compiled (a row's logits change in passes of %s rows)",
+                ", ".join(map(str, differ)),
+            )
+        elif not error <= tolerance:
+            self._compiled = None
+            log.warning(
+                "decode passes: lean, not compiled (the compiled pass's logits differ from the "
+                "eager pass's by %.2g of their range, more than %.0g)",
+                error,
+                tolerance,
+            )
+        else:
+            log.info(
+                "decode passes: compiled for %s rows in %.1f s (logits within %.2g of the eager "
+                "pass's range)",
+                ", ".join(map(str, compiled.buckets)),
+                seconds,
+                error,
+            )
+
+    def _decode_again(self, tokens: Mapping[int, int]) -> Mapping[int, torch.Tensor]:
+        """A decode pass that leaves the sequences as they were (it is repeated after this)."""
+        out = self.decode(tokens)
+        for slot in tokens:
+            self._lengths[slot] -= 1
+        return out
+
+    @property
+    def compiled(self) -> bool:
+        """Whether decode passes run the compiled lean pass (server/engine/compiled_decode.py)."""
+        return self._compiled is not None
 
     @property
     def lean(self) -> bool:
@@ -680,6 +763,8 @@ class SlotBatch(SequenceBatch):
         if not tokens:
             return {}
         rows = max(tokens) + 1
+        if self._compiled is not None:
+            rows = self._compiled.bucket(rows)
         # Rows without a token (free, or still in prefill) are padding: they write one scratch
         # position at their sequence's end, which that sequence overwrites before it reads it,
         # and they attend to that position only.
@@ -698,9 +783,12 @@ class SlotBatch(SequenceBatch):
         self._cache.plan = _Plan(0, rows, positions, kv_len)
         mask = self._mask(visible)[:, None, None, :]
         if self._lean is not None and all(m.is_initialized for m in self._cache.slot_layers()):
-            memory = [(layer.keys, layer.values) for layer in self._cache.slot_layers()]
             rows_index = torch.arange(rows, device=self._device).unsqueeze(1)
-            logits = self._lean.decode(ids, positions, mask, memory, rows_index)
+            if self._compiled is not None:
+                logits = self._decode_compiled(self._compiled, ids, positions, mask, rows_index)
+            else:
+                memory = [(layer.keys, layer.values) for layer in self._cache.slot_layers()]
+                logits = self._lean.decode(ids, positions, mask, memory, rows_index)
             self.forward_passes += 1
         else:
             logits = self._run(ids, mask, positions, kv_slots_decode=True)
@@ -708,6 +796,29 @@ class SlotBatch(SequenceBatch):
         for slot in tokens:
             self._lengths[slot] += 1
         return {slot: logits[slot] for slot in tokens}
+
+    def _decode_compiled(
+        self,
+        compiled: CompiledDecode,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        rows_index: torch.Tensor,
+    ) -> torch.Tensor:
+        rows = ids.shape[0]
+        # The pass's rows only: a graph's shapes hold its bucket's rows, whatever the capacity.
+        memory = [(layer.keys[:rows], layer.values[:rows]) for layer in self._cache.slot_layers()]
+        try:
+            return compiled(ids, positions, mask, memory, rows_index)
+        except Exception as exc:  # the eager pass rewrites the same positions, so it can retry
+            if not compiled.frozen:
+                raise  # still compiling: `_compile` reports it
+            self._compiled = None
+            log.warning(
+                "decode passes: the compiled pass failed (%s); they run eagerly from now on",
+                _first_line(exc),
+            )
+            return compiled.eager(ids, positions, mask, memory, rows_index)
 
     @property
     def copies_prefixes(self) -> bool:
@@ -830,3 +941,9 @@ def _hidden_states_device(causal_lm: Any, default: torch.device) -> torch.device
     if isinstance(output, torch.nn.Module):
         return _located(causal_lm, output, default)
     return default
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception in one line (compiler errors run to pages)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

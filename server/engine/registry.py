@@ -163,6 +163,7 @@ class ModelRegistry:
             observer=self.observer(spec.id),
             prefix_cache_bytes=spec.prefix_cache_mb << 20,
             lean_decode=spec.lean_decode,
+            compile_decode=spec.compile_decode,
         )
 
     def observer(self, model_id: str) -> EngineObserver:

@@ -66,20 +66,30 @@ StepObserver = Callable[[str, int, int, int, float], None]
 
 
 def open_batch(
-    model: ChatModel, max_sequences: int, max_pass_tokens: int = 0, lean_decode: bool = True
+    model: ChatModel,
+    max_sequences: int,
+    max_pass_tokens: int = 0,
+    lean_decode: bool = True,
+    compile_decode: bool = False,
 ) -> SequenceBatch:
     """The best `SequenceBatch` for `model`: batched when its causal LM supports it.
 
     `max_pass_tokens`: the most tokens a prefill pass is given (chunks of several prompts share
     passes up to that size where the model allows it). `lean_decode`: decode passes in few
-    operations where the model allows it (server/engine/lean_decode.py).
+    operations where the model allows it (server/engine/lean_decode.py); `compile_decode`: that
+    pass compiled (server/engine/compiled_decode.py).
     """
     causal_lm = model.causal_lm
     if causal_lm is not None:
         reason = unsupported_reason(causal_lm)
         if reason is None:
             return SlotBatch(
-                causal_lm, model.device, max_sequences, max_pass_tokens, lean_decode=lean_decode
+                causal_lm,
+                model.device,
+                max_sequences,
+                max_pass_tokens,
+                lean_decode=lean_decode,
+                compile_decode=compile_decode,
             )
         log.warning("chat model decodes one sequence per forward pass: %s", reason)
     return ForwardLoopBatch(model, max_sequences)
@@ -201,6 +211,7 @@ class Scheduler:
         observer: StepObserver | None = None,
         prefix_cache_bytes: int = 0,
         lean_decode: bool = True,
+        compile_decode: bool = False,
     ) -> None:
         if max_batch_tokens <= max_concurrent:
             raise ValueError(
@@ -216,6 +227,7 @@ class Scheduler:
         self._observer = observer
         self._prefix_cache_bytes = prefix_cache_bytes
         self._lean_decode = lean_decode
+        self._compile_decode = compile_decode
         # Set when the batch opens, if it can copy keys and values (see prefix_cache.py).
         self._prefix: PrefixCache | None = None
         self._cond = threading.Condition()
@@ -324,7 +336,11 @@ class Scheduler:
     def _main(self) -> None:
         try:
             self._batch = open_batch(
-                self._model, self._max_concurrent, self._max_batch_tokens, self._lean_decode
+                self._model,
+                self._max_concurrent,
+                self._max_batch_tokens,
+                self._lean_decode,
+                self._compile_decode,
             )
             if self._prefix_cache_bytes > 0:
                 if self._batch.copies_prefixes:
