@@ -150,6 +150,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="none",
         help="glm-api's quantize option in the llama part (int8: compare with a q8_0 GGUF)",
     )
+    llama.add_argument(
+        "--llama-compile",
+        action="store_true",
+        help="glm-api's chat model with compile_decode on in the llama part (compiled at start-up)",
+    )
     envoy = parser.add_argument_group("envoy")
     envoy.add_argument(
         "--calls",

@@ -22,7 +22,7 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -197,15 +197,13 @@ def run_llama(
     config: Path,
     tokens: int,
     say: Say,
-    quantize: str = "none",
+    options: Mapping[str, object] | None = None,
 ) -> dict[str, ServerFigures]:
-    """glm-api (its model's `quantize` option set), then llama-server, each measured alone."""
+    """glm-api (its model's `options` set), then llama-server, each measured alone."""
     results: dict[str, ServerFigures] = {}
     nonce = f"run {time.time_ns()}"
     with tempfile.TemporaryDirectory(prefix="glm-bench-llama-") as tmp:
-        cfg = chat_only_config(
-            config, model_id, STREAMS, Path(tmp) / "chat-only.toml", quantize=quantize
-        )
+        cfg = chat_only_config(config, model_id, STREAMS, Path(tmp) / "chat-only.toml", options)
         with ServerProcess(env={"GLM_CONFIG": str(cfg)}) as server:
             ready = server.wait_ready()
             say(f"  glm-api: python -m server on {server.target}, ready in {ready:.1f} s")
@@ -260,8 +258,10 @@ def run(args: argparse.Namespace, say: Say) -> Section:
     spec = default_spec(ModelKind.CHAT, settings)
     gguf = getattr(args, "llama_gguf", None) or package_gguf()
     quantize = getattr(args, "llama_quantize", "none")
+    compiled = bool(getattr(args, "llama_compile", False))
     say(
-        f"llama: glm-api ({spec.id}, quantize {quantize}) against {binary} on {gguf.name}, "
+        f"llama: glm-api ({spec.id}, quantize {quantize}, compile_decode {str(compiled).lower()}) "
+        f"against {binary} on {gguf.name}, "
         "one stream and "
         f"{STREAMS} streams of {args.stream_tokens} tokens, first tokens cold and repeated"
     )
@@ -272,12 +272,13 @@ def run(args: argparse.Namespace, say: Say) -> Section:
         config=settings.config,
         tokens=args.stream_tokens,
         say=say,
-        quantize=quantize,
+        options={"quantize": quantize, "compile_decode": compiled},
     )
     figures: dict[str, Any] = {
         "binary": str(binary),
         "gguf": str(gguf),
         "quantize": quantize,
+        "compile_decode": compiled,
         "servers": {name: vars_of(f) for name, f in results.items()},
     }
     return Section(figures, metrics(results))

@@ -527,13 +527,17 @@ def write_models_config(tables: Sequence[Mapping[str, object]], dest: Path) -> P
 
 
 def chat_only_config(
-    source: Path, model_id: str, min_waiting: int, dest: Path, quantize: str | None = None
+    source: Path,
+    model_id: str,
+    min_waiting: int,
+    dest: Path,
+    options: Mapping[str, object] | None = None,
 ) -> Path:
     """A copy of one chat model's table from `source`, alone, as the server's config file.
 
     glm-api then holds only the model it is measured on (no embedding model), as a peer does,
     and its waiting queue is at least `min_waiting` long, so that no stream is refused.
-    `quantize`, when given, sets the model's quantize option.
+    `options` set the model's options of those names (quantize, compile_decode, ...).
     """
     with source.open("rb") as fh:
         tables = tomllib.load(fh).get("models", [])
@@ -542,8 +546,7 @@ def chat_only_config(
         raise LookupError(f"{source} has no model {model_id!r}")
     table["default"] = True
     table["max_waiting"] = max(int(table.get("max_waiting", 0)), min_waiting)
-    if quantize is not None:
-        table["quantize"] = quantize
+    table.update(options or {})
     return write_models_config([table], dest)
 
 

@@ -63,9 +63,9 @@ class CompiledDecode:
     def __init__(self, lean: LeanDecoder, max_rows: int) -> None:
         self.buckets = row_buckets(max_rows)
         self._eager: DecodeFn = lean.decode
-        # Every bucket is one more graph of the same code; dynamo's per-code limit must hold them.
-        limit = torch._dynamo.config.recompile_limit
-        torch._dynamo.config.recompile_limit = max(limit, len(self.buckets) + 1)
+        # Every bucket of every compiled batch in the process is one more graph of the same code;
+        # past dynamo's per-code limit a call would silently run eagerly.
+        torch._dynamo.config.recompile_limit += len(self.buckets)
         self._compiled: DecodeFn = torch.compile(
             lean.decode, dynamic=False, fullgraph=True, options={"pattern_matcher": False}
         )

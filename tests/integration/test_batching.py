@@ -243,8 +243,19 @@ async def reply(
     )
 
 
+# Each decode pass's greedy replies alone, by pass ("eager", "compiled"): the compiled pass must
+# give the eager pass's replies.
+_ALONE: dict[str, list[Reply]] = {}
+
+
+@pytest.fixture(scope="module", params=["eager", "compiled"])
+def decode_pass(request: pytest.FixtureRequest) -> str:
+    """Every test here runs with the lean decode pass eager, then compiled (compile_decode)."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-async def batch_app() -> AsyncIterator[GlmApp]:
+async def batch_app(decode_pass: str) -> AsyncIterator[GlmApp]:
     """The chat model alone, 8 sequences at once, 2 waiting places, 104-token steps.
 
     No prefix cache: these tests repeat prompts to watch how they are fed, which the cache would
@@ -252,7 +263,12 @@ async def batch_app() -> AsyncIterator[GlmApp]:
     """
     [chat] = [s for s in load_model_specs(DEFAULT_CONFIG) if s.kind is ModelKind.CHAT]
     spec = dataclasses.replace(
-        chat, max_concurrent=8, max_waiting=2, max_batch_tokens=104, prefix_cache_mb=0
+        chat,
+        max_concurrent=8,
+        max_waiting=2,
+        max_batch_tokens=104,
+        prefix_cache_mb=0,
+        compile_decode=decode_pass == "compiled",
     )
     async with serving(make_settings(), (spec,), grace=0.5) as app:
         yield app
@@ -270,12 +286,13 @@ def engine(batch_app: GlmApp) -> ChatEngine:
 
 
 @pytest.fixture(scope="module")
-async def alone(stub: pb_grpc.GlmServiceStub, engine: ChatEngine) -> list[Reply]:
+async def alone(stub: pb_grpc.GlmServiceStub, engine: ChatEngine, decode_pass: str) -> list[Reply]:
     """Each prompt's greedy reply, generated with nothing else running."""
     replies = []
     for prompt in PROMPTS:
         replies.append(await reply(stub, chat_request(prompt)))
         assert engine.stats.running == 0
+    _ALONE[decode_pass] = replies
     return replies
 
 
@@ -324,6 +341,18 @@ async def test_greedy_replies_are_the_same_alone_and_batched(
     assert after.decode_tokens - before.decode_tokens > 4 * (
         after.decode_passes - before.decode_passes
     )
+
+
+async def test_the_compiled_pass_gives_the_eager_passs_replies(
+    engine: ChatEngine, alone: list[Reply], decode_pass: str
+) -> None:
+    if decode_pass != "compiled":
+        pytest.skip("the eager pass's replies are the reference")
+    if "eager" not in _ALONE:
+        pytest.skip("the eager pass's replies come from this module's eager run")
+    assert isinstance(engine.batch, SlotBatch)
+    assert engine.batch.compiled
+    assert alone == _ALONE["eager"]
 
 
 async def test_requests_joining_mid_generation_change_nothing(

@@ -71,12 +71,17 @@ def test_compiled_pass_is_batch_invariant_and_gives_the_eager_passs_tokens(
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_decode_passes_run_the_compiled_graphs(compiled: SlotBatch) -> None:
-    compiled.prefill(0, token_ids(20, 1))
-    compiled.prefill(2, token_ids(30, 2))
+@pytest.mark.parametrize(("slots", "length"), [((0,), 20), ((0, 2), 30), ((0, 5), 300)])
+def test_decode_passes_run_the_compiled_graphs(
+    compiled: SlotBatch, slots: tuple[int, ...], length: int
+) -> None:
+    """Passes of other sizes, key lengths and memory lengths than the check's (rows 1, 4, 8;
+    keys up to 320 positions in 512) run a graph, not the eager fallback."""
+    for slot in slots:
+        compiled.prefill(slot, token_ids(length, slot))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        compiled.decode({0: 5, 2: 6})
-    for slot in (0, 2):
+        compiled.decode(dict.fromkeys(slots, 5))
+    for slot in slots:
         compiled.release(slot)
     names = {event.key for event in prof.key_averages()}
     assert any("Compiled" in name for name in names), sorted(names)[:20]
