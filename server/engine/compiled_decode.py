@@ -30,7 +30,12 @@ from server.engine.lean_decode import LeanDecoder
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CompiledDecode", "row_buckets"]
+__all__ = ["KERNELS", "CompiledDecode", "row_buckets", "why_not_compiled"]
+
+# The linear kernels a compiled pass's plans may use (server/engine/invariant_linear.py).
+# Not "weight_first": inductor lays out its transposed operand as it sees fit per graph, so a
+# row's bits could change with the bucket, which the check on opening then refuses.
+KERNELS = ("input_first", "onednn")
 
 DecodeFn = Callable[
     [
@@ -55,6 +60,16 @@ def row_buckets(max_rows: int) -> tuple[int, ...]:
         size *= 2
     buckets.append(max_rows)
     return tuple(buckets)
+
+
+def why_not_compiled(lean: LeanDecoder, device: torch.device) -> str | None:
+    """Why `lean` is not compiled on `device`, or None if it is."""
+    if device.type != "cpu":
+        return "compiled passes run on CPUs only for now"
+    if any(type(m) is not torch.nn.Linear for m in lean.fused):
+        # Tried: the batch's check refused them, so compiling them only lengthened start-up.
+        return "int8 layers: their compiled products disagree with the eager int8 kernel's"
+    return None
 
 
 class CompiledDecode:

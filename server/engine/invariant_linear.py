@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -466,11 +466,13 @@ def choose_plans(
     max_rows: int,
     max_pass_rows: int = 0,
     extra: torch.nn.Module | None = None,
+    kernels: Sequence[str] | None = None,
 ) -> dict[ShapeKey, LinearPlan]:
     """The fastest batch-invariant plan per weight shape for passes of 1..max_rows rows.
 
     Larger passes (prompt chunks, up to `max_pass_rows` rows) get the kernel faster there. The
-    linear layers of `extra` (a decode pass's fused projections) are planned too.
+    linear layers of `extra` (a decode pass's fused projections) are planned too. `kernels`: the
+    candidates for small passes (default: all of KERNELS).
     """
     modules = list(_linears(causal_lm))
     if extra is not None:
@@ -478,7 +480,7 @@ def choose_plans(
     by_shape = _by_shape(modules)
     output = _output_layer(causal_lm)
     sizes = _call_sizes(max_rows)
-    kernels = list(KERNELS)
+    kernels = list(KERNELS if kernels is None else kernels)
     if "onednn" in kernels and not _copies_fit(modules):
         kernels.remove("onednn")
         log.info(

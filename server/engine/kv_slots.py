@@ -59,7 +59,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from server.engine.attention import decode_attention
 from server.engine.batching import SequenceBatch
-from server.engine.compiled_decode import CompiledDecode
+from server.engine.compiled_decode import KERNELS as COMPILED_KERNELS
+from server.engine.compiled_decode import CompiledDecode, why_not_compiled
 from server.engine.device_profile import DeviceProfile, available_bytes, profile_for
 from server.engine.invariant_linear import (
     LinearPlan,
@@ -477,8 +478,18 @@ class SlotBatch(SequenceBatch):
                 log.info("decode passes: the model's own forward (%s)", built)
             else:
                 self._lean = built
+        why_not = (
+            "only the lean pass compiles"
+            if self._lean is None
+            else why_not_compiled(self._lean, device)
+        )
+        compiling = compile_decode and why_not is None
         self._linear_plans = choose_plans(
-            causal_lm, max_sequences, max_pass_tokens, extra=self._lean
+            causal_lm,
+            max_sequences,
+            max_pass_tokens,
+            extra=self._lean,
+            kernels=COMPILED_KERNELS if compiling else None,
         )
         install(causal_lm, self._linear_plans)
         if self._lean is not None:
@@ -496,12 +507,10 @@ class SlotBatch(SequenceBatch):
         if self._lean is not None:
             self._check_lean()
         if compile_decode:
-            if self._lean is None:
-                log.info("decode passes: not compiled (only the lean pass compiles)")
-            elif device.type != "cpu":
-                log.info("decode passes: not compiled (compiled passes run on CPUs only for now)")
-            else:
+            if self._lean is not None and why_not is None:
                 self._compile()
+            else:
+                log.info("decode passes: not compiled (%s)", why_not or "the lean pass is off")
 
     def _check_lean(self) -> None:
         """Keep the lean decode pass only where it gives the model's own decode logits.

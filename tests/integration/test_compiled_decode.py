@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 import server.engine.compiled_decode as compiled_decode
 from server.engine.compiled_decode import row_buckets
 from server.engine.kv_slots import SlotBatch
+from server.models.int8_linear import quantize_linears
 from tests.integration.test_batching import token_ids
 from tests.tiny_models import greedy_logits, tiny_llama
 
@@ -113,7 +114,10 @@ def test_a_failed_compilation_keeps_the_eager_pass(
     eager = SlotBatch(tiny_llama(), CPU, max_sequences=4)
     got = greedy_logits(batch, {0: token_ids(17, 3)}, 4)[0]
     want = greedy_logits(eager, {0: token_ids(17, 3)}, 4)[0]
-    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    # Two batches measure their own linear plans, so only their tokens must be the same bits.
+    for a, b in zip(got, want, strict=True):
+        assert int(a.argmax()) == int(b.argmax())
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_a_graph_failing_while_serving_hands_over_to_the_eager_pass(
@@ -154,8 +158,14 @@ def test_graphs_whose_rows_change_a_rows_logits_are_not_used(
     assert "a row's logits change in passes of 4 rows" in caplog.text
 
 
-def test_only_the_lean_pass_compiles(caplog: pytest.LogCaptureFixture) -> None:
+def test_only_the_lean_float_pass_compiles(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="server.engine.kv_slots")
     batch = SlotBatch(tiny_llama(), CPU, max_sequences=4, lean_decode=False, compile_decode=True)
     assert not batch.compiled
     assert "not compiled (only the lean pass compiles)" in caplog.text
+    int8 = tiny_llama()
+    quantize_linears(int8)
+    batch = SlotBatch(int8, CPU, max_sequences=4, compile_decode=True)
+    assert batch.lean
+    assert not batch.compiled
+    assert "not compiled (int8 layers" in caplog.text
