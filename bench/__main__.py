@@ -153,7 +153,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     llama.add_argument(
         "--llama-compile",
         action="store_true",
-        help="glm-api's chat model with compile_decode on in the llama part (compiled at start-up)",
+        help="in the llama part, glm-api with compile_decode on too (compiled at start-up)",
     )
     envoy = parser.add_argument_group("envoy")
     envoy.add_argument(

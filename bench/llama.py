@@ -197,20 +197,22 @@ def run_llama(
     config: Path,
     tokens: int,
     say: Say,
-    options: Mapping[str, object] | None = None,
+    variants: Mapping[str, Mapping[str, object]],
 ) -> dict[str, ServerFigures]:
-    """glm-api (its model's `options` set), then llama-server, each measured alone."""
+    """Each glm-api variant (name: its model's options), then llama-server, each measured alone."""
     results: dict[str, ServerFigures] = {}
     nonce = f"run {time.time_ns()}"
-    with tempfile.TemporaryDirectory(prefix="glm-bench-llama-") as tmp:
-        cfg = chat_only_config(config, model_id, STREAMS, Path(tmp) / "chat-only.toml", options)
-        # Compiled decode passes are compiled before the server reports ready.
-        timeout_s = 900.0 if (options or {}).get("compile_decode") else 300.0
-        with ServerProcess(env={"GLM_CONFIG": str(cfg)}, start_timeout_s=timeout_s) as server:
-            ready = server.wait_ready()
-            say(f"  glm-api: python -m server on {server.target}, ready in {ready:.1f} s")
-            with grpc.insecure_channel(server.target) as channel:
-                results[GLM] = measure(glm_call(channel), tokens, nonce, BackgroundLoad(server.pid))
+    for name, options in variants.items():
+        with tempfile.TemporaryDirectory(prefix="glm-bench-llama-") as tmp:
+            cfg = chat_only_config(config, model_id, STREAMS, Path(tmp) / "chat.toml", options)
+            # Compiled decode passes are compiled before the server reports ready.
+            timeout_s = 900.0 if options.get("compile_decode") else 300.0
+            with ServerProcess(env={"GLM_CONFIG": str(cfg)}, start_timeout_s=timeout_s) as server:
+                ready = server.wait_ready()
+                say(f"  {name}: python -m server on {server.target}, ready in {ready:.1f} s")
+                with grpc.insecure_channel(server.target) as channel:
+                    load = BackgroundLoad(server.pid)
+                    results[name] = measure(glm_call(channel), tokens, nonce, load)
     with LlamaServer(binary, gguf, slots=STREAMS, threads=THREADS) as llama:
         say(f"  llama-server: {' '.join(llama.args[1:])}, ready in {llama.wait_ready():.1f} s")
         peer = Peer(LLAMA, f"http://127.0.0.1:{llama.port}/v1")
@@ -227,10 +229,10 @@ def run_llama(
     return results
 
 
-def metrics(results: dict[str, ServerFigures], label: str = GLM) -> list[Metric]:
-    """glm-api / llama-server for each measure (above 1 is better for rates, below for times);
-    `label` names glm-api's side (its options)."""
-    ours, theirs = results[GLM], results[LLAMA]
+def metrics(results: dict[str, ServerFigures]) -> list[Metric]:
+    """Each glm-api variant / llama-server for each measure (above 1 is better for rates, below
+    for times)."""
+    theirs = results[LLAMA]
     ratios: list[tuple[str, Callable[[ServerFigures], float | None]]] = [
         ("one stream decode tok/s", lambda f: f.decode_tok_s),
         (f"{STREAMS} streams aggregate tok/s", lambda f: f.aggregate_tok_s),
@@ -238,10 +240,12 @@ def metrics(results: dict[str, ServerFigures], label: str = GLM) -> list[Metric]
         ("repeated-prompt first token ms", lambda f: f.repeated_ttft_ms),
     ]
     lines = [
-        Metric(f"llama: {label} / llama-server {name}", _ratio(get(ours), get(theirs)), "x")
+        Metric(f"llama: {variant} / llama-server {name}", _ratio(get(ours), get(theirs)), "x")
+        for variant, ours in results.items()
+        if variant != LLAMA
         for name, get in ratios
     ]
-    busy = max(ours.background_cores, theirs.background_cores)
+    busy = max(f.background_cores for f in results.values())
     return flagged(lines, is_noisy(busy))
 
 
@@ -262,11 +266,14 @@ def run(args: argparse.Namespace, say: Say) -> Section:
     gguf = getattr(args, "llama_gguf", None) or package_gguf()
     quantize = getattr(args, "llama_quantize", "none")
     compiled = bool(getattr(args, "llama_compile", False))
+    name = GLM + (" int8" if quantize != "none" else "")
+    variants: dict[str, dict[str, object]] = {name: {"quantize": quantize}}
+    if compiled:
+        variants[f"{name} compiled"] = {"quantize": quantize, "compile_decode": True}
     say(
-        f"llama: glm-api ({spec.id}, quantize {quantize}, compile_decode {str(compiled).lower()}) "
-        f"against {binary} on {gguf.name}, "
-        "one stream and "
-        f"{STREAMS} streams of {args.stream_tokens} tokens, first tokens cold and repeated"
+        f"llama: {' and '.join(variants)} ({spec.id}) against {binary} on {gguf.name}, "
+        f"one stream and {STREAMS} streams of {args.stream_tokens} tokens, first tokens cold "
+        "and repeated"
     )
     results = run_llama(
         binary=binary,
@@ -275,7 +282,7 @@ def run(args: argparse.Namespace, say: Say) -> Section:
         config=settings.config,
         tokens=args.stream_tokens,
         say=say,
-        options={"quantize": quantize, "compile_decode": compiled},
+        variants=variants,
     )
     figures: dict[str, Any] = {
         "binary": str(binary),
@@ -284,8 +291,7 @@ def run(args: argparse.Namespace, say: Say) -> Section:
         "compile_decode": compiled,
         "servers": {name: vars_of(f) for name, f in results.items()},
     }
-    label = GLM + (" compiled" if compiled else "") + (" int8" if quantize != "none" else "")
-    return Section(figures, metrics(results, label))
+    return Section(figures, metrics(results))
 
 
 def vars_of(figures: ServerFigures) -> dict[str, Any]:

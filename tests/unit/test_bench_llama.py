@@ -59,3 +59,16 @@ def test_the_package_gguf_is_found() -> None:
     path = llama.package_gguf()
     assert path.suffix == ".gguf"
     assert path.is_file()
+
+
+def test_each_glm_api_variant_gets_its_ratios() -> None:
+    results = {
+        GLM: ServerFigures(40.0, 160.0, 100.0, 20.0),
+        f"{GLM} compiled": ServerFigures(60.0, 200.0, 100.0, 20.0),
+        LLAMA: ServerFigures(80.0, 128.0, 50.0, 40.0),
+    }
+    values = {m.name: m.value for m in llama.metrics(results)}
+    assert values["llama: glm-api / llama-server one stream decode tok/s"] == 0.5
+    assert values["llama: glm-api compiled / llama-server one stream decode tok/s"] == 0.75
+    assert values["llama: glm-api compiled / llama-server repeated-prompt first token ms"] == 0.5
+    assert len(values) == 8
