@@ -77,7 +77,8 @@ class CompiledDecode:
 
     def __init__(self, lean: LeanDecoder, max_rows: int) -> None:
         self.buckets = row_buckets(max_rows)
-        self._eager: DecodeFn = lean.decode
+        # The same pass, not compiled (what a failed graph hands over to).
+        self.eager: DecodeFn = lean.decode
         # Every bucket of every compiled batch in the process is one more graph of the same code;
         # past dynamo's per-code limit a call would silently run eagerly.
         torch._dynamo.config.recompile_limit += len(self.buckets)
@@ -125,14 +126,3 @@ class CompiledDecode:
         )
         with stance:
             return self._compiled(ids, positions, mask, memory, rows_index)
-
-    def eager(
-        self,
-        ids: torch.Tensor,
-        positions: torch.Tensor,
-        mask: torch.Tensor,
-        memory: Sequence[tuple[torch.Tensor, torch.Tensor]],
-        rows_index: torch.Tensor,
-    ) -> torch.Tensor:
-        """The same pass, not compiled (what a failed graph falls back to)."""
-        return self._eager(ids, positions, mask, memory, rows_index)

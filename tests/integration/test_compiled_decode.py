@@ -99,15 +99,24 @@ def _fake_compile(
     return fake
 
 
+def compiled_with(
+    behave: Callable[[Callable[..., torch.Tensor], tuple[Any, ...]], torch.Tensor],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> SlotBatch:
+    """A batch of 4 opened with compile_decode, its 'graphs' being `behave` (see _fake_compile)."""
+    monkeypatch.setattr(compiled_decode.torch, "compile", _fake_compile(behave))
+    caplog.set_level(logging.INFO, logger="server.engine.kv_slots")
+    return SlotBatch(tiny_llama(), CPU, max_sequences=4, compile_decode=True)
+
+
 def test_a_failed_compilation_keeps_the_eager_pass(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     def fail(fn: Callable[..., torch.Tensor], args: tuple[Any, ...]) -> torch.Tensor:
         raise RuntimeError("no C++ compiler found\nmore lines")
 
-    monkeypatch.setattr(compiled_decode.torch, "compile", _fake_compile(fail))
-    caplog.set_level(logging.INFO, logger="server.engine.kv_slots")
-    batch = SlotBatch(tiny_llama(), CPU, max_sequences=4, compile_decode=True)
+    batch = compiled_with(fail, monkeypatch, caplog)
     assert batch.lean
     assert not batch.compiled
     assert "not compiled (RuntimeError: no C++ compiler found)" in caplog.text
@@ -130,9 +139,7 @@ def test_a_graph_failing_while_serving_hands_over_to_the_eager_pass(
             raise RuntimeError("graph failed")
         return fn(*args)
 
-    monkeypatch.setattr(compiled_decode.torch, "compile", _fake_compile(flaky))
-    caplog.set_level(logging.INFO, logger="server.engine.kv_slots")
-    batch = SlotBatch(tiny_llama(), CPU, max_sequences=4, compile_decode=True)
+    batch = compiled_with(flaky, monkeypatch, caplog)
     assert batch.compiled
     reference = greedy_logits(batch, {1: token_ids(17, 3)}, 4)[1]
     broken["now"] = True
@@ -150,9 +157,7 @@ def test_graphs_whose_rows_change_a_rows_logits_are_not_used(
         # A pass of 4 rows rounds differently, as a fused loop tiled by the row count might.
         return logits + 1e-6 if logits.shape[0] == 4 else logits
 
-    monkeypatch.setattr(compiled_decode.torch, "compile", _fake_compile(row_dependent))
-    caplog.set_level(logging.INFO, logger="server.engine.kv_slots")
-    batch = SlotBatch(tiny_llama(), CPU, max_sequences=4, compile_decode=True)
+    batch = compiled_with(row_dependent, monkeypatch, caplog)
     assert batch.lean
     assert not batch.compiled
     assert "a row's logits change in passes of 4 rows" in caplog.text
