@@ -7,7 +7,7 @@ few fused C++ loops and calls the matrix products directly, so Python leaves the
 
 Shapes: the linear plans (server/engine/invariant_linear.py) cut a pass into calls by its row
 count, so the row count is static: a pass is padded up to the next bucket (1, 2, 4, ... and the
-batch's size), which adds rows the engine already treats as padding. The key length and the slots'
+batch's size), which adds rows the engine already treats as padding. The key length and the
 memory's length are dynamic, so a growing sequence never recompiles. Once the batch has compiled its
 buckets, a call whose shapes no graph covers runs the lean pass eagerly rather than compiling in
 the middle of serving.
@@ -82,6 +82,9 @@ class CompiledDecode:
         # Every bucket of every compiled batch in the process is one more graph of the same code;
         # past dynamo's per-code limit a call would silently run eagerly.
         torch._dynamo.config.recompile_limit += len(self.buckets)
+        # No pattern matcher: its mm + add -> addmm rewrite folds a residual into the matrix
+        # product only where no padding slice sits between them, so a row's bits would change
+        # with the bucket.
         self._compiled: DecodeFn = torch.compile(
             lean.decode, dynamic=False, fullgraph=True, options={"pattern_matcher": False}
         )
