@@ -522,15 +522,12 @@ class SlotBatch(SequenceBatch):
         assert lean is not None
         try:
             self.prefill(0, _CHECK_PROMPT)
-            own = self.decode({0: _CHECK_PROMPT[-1]})[0]
-            self._lengths[0] -= 1
+            own = self._decode_again({0: _CHECK_PROMPT[-1]})[0]
             self._lean = lean
             fast = self.decode({0: _CHECK_PROMPT[-1]})[0]
         finally:
             self.release(0)
-        spread = float(own.max() - own.min()) or 1.0
-        error = float((own - fast).abs().max()) / spread
-        tolerance = _LEAN_TOLERANCE[self._dtype in (torch.float32, torch.float64)]
+        error, tolerance = _range_error(own, fast), self._tolerance
         if not error <= tolerance:
             self._lean = None
             log.warning(
@@ -581,9 +578,7 @@ class SlotBatch(SequenceBatch):
         seconds = time.perf_counter() - started
         alone = by_bucket[1]
         differ = [size for size, logits in by_bucket.items() if not torch.equal(logits, alone)]
-        spread = float(eager.max() - eager.min()) or 1.0
-        error = float((alone - eager).abs().max()) / spread
-        tolerance = _LEAN_TOLERANCE[self._dtype in (torch.float32, torch.float64)]
+        error, tolerance = _range_error(eager, alone), self._tolerance
         if differ:
             self._compiled = None
             log.warning(
@@ -613,6 +608,11 @@ class SlotBatch(SequenceBatch):
         for slot in tokens:
             self._lengths[slot] -= 1
         return out
+
+    @property
+    def _tolerance(self) -> float:
+        """How far (`_range_error`) a faster decode pass's logits may be from the reference's."""
+        return _LEAN_TOLERANCE[self._dtype in (torch.float32, torch.float64)]
 
     @property
     def compiled(self) -> bool:
@@ -950,6 +950,12 @@ def _hidden_states_device(causal_lm: Any, default: torch.device) -> torch.device
     if isinstance(output, torch.nn.Module):
         return _located(causal_lm, output, default)
     return default
+
+
+def _range_error(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """The largest difference between `other` and `reference`, as a share of reference's range."""
+    spread = float(reference.max() - reference.min()) or 1.0
+    return float((reference - other).abs().max()) / spread
 
 
 def _first_line(exc: BaseException) -> str:

@@ -18,9 +18,9 @@ from server.engine.compiled_decode import row_buckets
 from server.engine.kv_slots import SlotBatch
 from server.models.int8_linear import quantize_linears
 from tests.integration.test_batching import token_ids
+from tests.integration.test_lean_decode import LENGTHS, decoded
 from tests.tiny_models import greedy_logits, tiny_llama
 
-LENGTHS = [3, 17, 40, 63, 64, 90]
 CPU = torch.device("cpu")
 
 
@@ -30,11 +30,6 @@ def compiled() -> Iterator[SlotBatch]:
     assert batch.compiled
     yield batch
     torch._dynamo.reset()
-
-
-def alone(batch: SlotBatch, steps: int = 10) -> dict[int, list[torch.Tensor]]:
-    """Each prompt's greedy logits alone (in slot 0), by prompt length."""
-    return {n: greedy_logits(batch, {0: token_ids(n, n)}, steps)[0] for n in LENGTHS}
 
 
 def graphs() -> int:
@@ -53,7 +48,7 @@ def test_compiled_pass_is_batch_invariant_and_gives_the_eager_passs_tokens(
     compiled: SlotBatch,
 ) -> None:
     before = graphs()
-    by_length = alone(compiled)
+    by_length = decoded(compiled)
     # Six prompts in slots 2..7: passes of 8 rows, keys up to 128 positions (the check at
     # start-up ran 64), so the graphs' dynamic key length is exercised too.
     together = greedy_logits(compiled, {7 - i: token_ids(n, n) for i, n in enumerate(LENGTHS)}, 10)
@@ -65,7 +60,7 @@ def test_compiled_pass_is_batch_invariant_and_gives_the_eager_passs_tokens(
     eager = SlotBatch(tiny_llama(), CPU, max_sequences=8)
     assert eager.lean
     assert not eager.compiled
-    reference = alone(eager)
+    reference = decoded(eager)
     for n in LENGTHS:
         for a, b in zip(by_length[n], reference[n], strict=True):
             assert int(a.argmax()) == int(b.argmax()), f"prompt of {n} tokens: another token"
